@@ -1,0 +1,21 @@
+"""Exceptions raised by pyro_jc, each naming the offending site and a remedy."""
+
+
+class JointContrastiveError(ValueError):
+    """Base class of every error pyro_jc raises for a bad model, guide or data."""
+
+
+class ImplicitDensityError(JointContrastiveError, NotImplementedError):
+    """A loss needs ``log_prob`` at a site whose distribution can only be sampled."""
+
+
+class MissingGuideSiteError(JointContrastiveError):
+    """A latent site of the model has no matching site in the guide."""
+
+
+class NonFiniteError(JointContrastiveError, FloatingPointError):
+    """A loss, a log density or a guide sample is NaN or infinite."""
+
+
+class PlateShapeError(JointContrastiveError):
+    """A site's batch shape disagrees with the plates that enclose it."""

@@ -1,0 +1,356 @@
+"""Drawing pairs ``(z, x)`` from the two joints every pyro_jc loss compares.
+
+* The **guide joint** ``q(z|x) k(x)``: ``x`` is the data passed to the guide (a minibatch of
+  ``k``) and ``z ~ q(z|x)``; the model is replayed against the guide's latents so that both
+  traces score the same pair (:func:`guide_joint_traces`).
+* The **model joint** ``p(z, x)``: the model run forward with its observed sites released
+  (:func:`model_joint_trace`), as forward-KL and adversarial losses need.
+
+This module also finds the data plate, validates traces and turns Pyro's failures into errors
+that name the site and the remedy. Losses build on it; nothing here depends on a loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+
+from .errors import ImplicitDensityError, MissingGuideSiteError, NonFiniteError, PlateShapeError
+
+#: Name of the plate Pyro's :class:`~pyro.infer.elbo.ELBO` puts around vectorized particles.
+PARTICLE_PLATE = "num_particles_vectorized"
+
+_LIKELIHOOD_FREE_HINT = (
+    "Losses that never evaluate this density are pyro_jc.ForwardKL (simulation-based training "
+    "of the guide) and pyro_jc.AdversarialGuide (a discriminator estimates the density ratio)."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Site selection
+
+
+def sample_sites(trace):
+    """Sample sites of ``trace`` in execution order, without plate subsample sites."""
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+
+
+def latent_sites(trace):
+    """Sample sites without observed values."""
+    return [site for site in sample_sites(trace) if not site["is_observed"]]
+
+
+def observed_sites(trace):
+    """Sample sites with observed values (``obs=``)."""
+    return [site for site in sample_sites(trace) if site["is_observed"]]
+
+
+def data_frames(site):
+    """Vectorized plates around ``site``, excluding the particle plate pyro_jc adds."""
+    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
+
+
+# ---------------------------------------------------------------------------------------------
+# The data plate: which plate indexes datapoints x ~ k
+
+
+def find_data_plate(model_trace, name=None):
+    """The plate over datapoints: the one named ``name`` or, by default, the outermost
+    (leftmost ``dim``) plate shared by every observed site.
+
+    :param model_trace: a model trace.
+    :param str name: optional plate name chosen by the user.
+    :returns: the plate's :class:`~pyro.poutine.indep_messenger.CondIndepStackFrame`, or
+        ``None`` when the observed sites share no plate (one datapoint).
+    """
+    observed = observed_sites(model_trace)
+    if name is not None:
+        for site in sample_sites(model_trace):
+            for frame in data_frames(site):
+                if frame.name == name:
+                    return frame
+        raise ValueError(
+            f"data_plate={name!r} was given but no sample site of the model is inside a plate "
+            f"of that name; plates seen: {sorted(_plate_names(model_trace))}."
+        )
+    if not observed:
+        return None
+    shared = set(data_frames(observed[0]))
+    for site in observed[1:]:
+        shared &= set(data_frames(site))
+    if not shared:
+        return None
+    return min(shared, key=lambda f: f.dim)
+
+
+def _plate_names(trace):
+    return {f.name for site in sample_sites(trace) for f in data_frames(site)}
+
+
+def num_datapoints(frame):
+    """Number of datapoints in the full data set: the plate's full size (1 without a plate)."""
+    if frame is None:
+        return 1
+    return frame.full_size if frame.full_size is not None else frame.size
+
+
+def in_plate(site, frame):
+    return frame is not None and any(f == frame for f in site["cond_indep_stack"])
+
+
+def sum_to_datapoints(tensor, site, frame, particle_dim=None):
+    """Sum a site's batch-shaped ``tensor`` (a log density) to one value per datapoint.
+
+    Dims of plates nested inside the data plate belong to one datapoint and are summed, as
+    are the dims of plates outside it.
+
+    :param frame: the data plate (see :func:`find_data_plate`) or ``None``.
+    :param int particle_dim: the (negative) dim of vectorized particles, kept when given.
+    :returns: shape ``(batch,)``, or ``(num_particles, batch)`` with ``particle_dim``; a site
+        outside the data plate gives ``batch = 1``.
+    """
+    ndim = tensor.dim()
+    keep = []
+    if particle_dim is not None and -particle_dim <= ndim:
+        keep.append(ndim + particle_dim)
+    has_data_dim = in_plate(site, frame) and -frame.dim <= ndim
+    if has_data_dim:
+        keep.append(ndim + frame.dim)
+    other = [d for d in range(ndim) if d not in keep]
+    if other:
+        tensor = tensor.sum(other)
+    if not has_data_dim:
+        tensor = tensor.unsqueeze(-1)
+    if particle_dim is not None and tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# The guide joint, scored by the model
+
+
+def guide_joint_traces(model, guide, args, kwargs, max_plate_nesting=math.inf):
+    """Draw ``z ~ q(z | x)`` for the data ``x`` in ``args``/``kwargs`` and score the pair
+    under the model, by Pyro's ``trace`` and ``replay``.
+
+    Consumes the random number stream exactly as :class:`~pyro.infer.Trace_ELBO` does, so
+    both estimators see the same pairs under the same seed.
+
+    :returns: ``(model_trace, guide_trace)``, pruned of subsample sites, with model
+        ``log_prob`` and guide ``score_parts`` computed.
+    :raises MissingGuideSiteError: a latent site of the model is not in the guide.
+    :raises ImplicitDensityError: a model or guide site cannot evaluate ``log_prob``.
+    :raises PlateShapeError: a site's batch shape disagrees with its plates.
+    """
+    guide_trace = _run_traced(guide, "guide", args, kwargs)
+    try:
+        model_trace = _run_traced(poutine.replay(model, trace=guide_trace), "model", args, kwargs)
+    except ValueError as e:
+        # Typically a distribution rejecting NaN parameters computed from a bad guide draw.
+        check_guide_values_finite(guide_trace, cause=e)
+        raise
+
+    if is_validation_enabled():
+        check_guide_covers_model(model_trace, guide_trace)
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    compute_log_prob(model_trace, "model")
+    compute_score_parts(guide_trace)
+    if is_validation_enabled():
+        check_plate_shapes(model_trace, "model", max_plate_nesting)
+        check_plate_shapes(guide_trace, "guide", max_plate_nesting)
+    return model_trace, guide_trace
+
+
+def _run_traced(fn, role, args, kwargs):
+    try:
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+    except ValueError as e:
+        if "Shape mismatch inside plate" in str(e):
+            raise PlateShapeError(
+                f"In the {role}: {e}\nA tensor's batch dims must match the sizes of the plates "
+                "around its site: index data with the plate's indices (subsampling), or give "
+                "the site's distribution matching batch dims (.expand(), .to_event())."
+            ) from e
+        raise
+
+
+def check_guide_covers_model(model_trace, guide_trace):
+    """Raise :class:`MissingGuideSiteError` if a model latent has no guide site."""
+    guide_names = {site["name"] for site in sample_sites(guide_trace)}
+    for site in latent_sites(model_trace):
+        if site["name"] in guide_names:
+            continue
+        if site["infer"].get("_enumerate_dim") is not None:
+            continue
+        raise MissingGuideSiteError(
+            f"Latent site {site['name']!r} is sampled in the model but not in the guide, so the "
+            "model would draw it from its prior and the loss would be wrong. Add "
+            f"pyro.sample({site['name']!r}, ...) to the guide, or pass it as observed data "
+            "(obs=...) in the model."
+        )
+
+
+def compute_log_prob(trace, role):
+    """``trace.compute_log_prob()``, naming the site whose density cannot be evaluated."""
+    for site in sample_sites(trace):
+        if "log_prob" in site:
+            continue
+        try:
+            trace.compute_log_prob(site_filter=lambda name, s, target=site["name"]: name == target)
+        except NotImplementedError as e:
+            raise implicit_density_error(site, role) from e
+
+
+def compute_score_parts(guide_trace):
+    """``trace.compute_score_parts()``, naming the guide site without a density."""
+    try:
+        guide_trace.compute_score_parts()
+    except NotImplementedError as e:
+        site = next(
+            (s for s in sample_sites(guide_trace) if "score_parts" not in s),
+            None,
+        )
+        if site is None:
+            raise
+        raise implicit_density_error(site, "guide") from e
+
+
+def implicit_density_error(site, role):
+    kind = "observed" if site["is_observed"] else "latent"
+    return ImplicitDensityError(
+        f"{role.capitalize()} site {site['name']!r} ({kind}, {type(site['fn']).__name__}) "
+        "cannot evaluate log_prob: its density is implicit (sample-only). This loss needs "
+        f"log p(z, x) and log q(z | x). {_LIKELIHOOD_FREE_HINT}"
+    )
+
+
+def check_plate_shapes(trace, role, max_plate_nesting):
+    """Pyro's ``check_site_shape`` on every site, re-raised with the trace's role."""
+    for site in sample_sites(trace):
+        try:
+            check_site_shape(site, max_plate_nesting)
+        except ValueError as e:
+            raise PlateShapeError(
+                f"In the {role}, site {site['name']!r}: batch shape "
+                f"{tuple(site['fn'].batch_shape)} disagrees with its plates "
+                f"{_describe_plates(site)}.\n{e}"
+            ) from e
+
+
+def _describe_plates(site):
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+    if not frames:
+        return "(none: the site is outside every plate)"
+    return ", ".join(f"{f.name}(size={f.size}, dim={f.dim})" for f in frames)
+
+
+class GuideJointTraces:
+    """Mixin for :class:`~pyro.infer.elbo.ELBO` subclasses that score pairs from the guide
+    joint: Pyro's particle machinery (``num_particles``, ``vectorize_particles``) with
+    pyro_jc's validation, including when ``max_plate_nesting`` is guessed."""
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = guide_joint_traces(
+            model, guide, args, kwargs, self.max_plate_nesting
+        )
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        return model_trace, guide_trace
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs):
+        # Same random draws as Pyro's guess (one guide run, one replayed model run).
+        with poutine.block():
+            model_trace, guide_trace = guide_joint_traces(model, guide, args, kwargs)
+        dims = [
+            frame.dim
+            for trace in (model_trace, guide_trace)
+            for site in sample_sites(trace)
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ]
+        self.max_plate_nesting = -min(dims) if dims else 0
+        if self.vectorize_particles and self.num_particles > 1:
+            self.max_plate_nesting += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values
+
+
+def check_guide_values_finite(guide_trace, cause=None):
+    """Raise :class:`NonFiniteError` naming the first guide site with NaN or inf values."""
+    for site in sample_sites(guide_trace):
+        if not bool(torch.isfinite(site["value"]).all()):
+            raise NonFiniteError(
+                f"Guide site {site['name']!r} returned non-finite values (NaN or inf). Check the "
+                "guide's network outputs (locations finite, scales positive), lower the learning "
+                "rate, or clip gradients."
+            ) from cause
+
+
+def raise_nonfinite(model_trace, guide_trace, value):
+    """Raise :class:`NonFiniteError` naming the first site that explains a non-finite loss.
+
+    Called only once a loss came out non-finite, so the checks cost nothing on good steps.
+    """
+    check_guide_values_finite(guide_trace)
+    for site in latent_sites(model_trace):
+        support = site["fn"].support
+        if not bool(support.check(site["value"]).all()):
+            raise NonFiniteError(
+                f"Guide site {site['name']!r} drew values outside the model's support "
+                f"({support}), so the model's log density is not finite. Give the guide a "
+                "distribution with the same support (e.g. LogNormal or Gamma for positive "
+                "latents, or transform with torch.distributions.biject_to(support))."
+            )
+    for role, trace in (("guide", guide_trace), ("model", model_trace)):
+        for site in sample_sites(trace):
+            if not bool(torch.isfinite(site["log_prob"]).all()):
+                raise NonFiniteError(
+                    f"{role.capitalize()} site {site['name']!r} has a non-finite log density "
+                    f"at the sampled value: the value lies outside the support of "
+                    f"{type(site['fn']).__name__} or its parameters are NaN/inf. Make the guide's "
+                    "support match the model's (e.g. constrained distributions or biject_to) "
+                    "and check parameters for NaN."
+                )
+    raise NonFiniteError(
+        f"The loss is non-finite ({value}) although every site's log density is finite; "
+        "check model parameters and the data for NaN or overflow."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The model joint
+
+
+def model_joint_trace(model, args, kwargs, num_samples=None, max_plate_nesting=None):
+    """Draw pairs ``(z, x) ~ p(z, x)`` by running ``model`` with its observed sites released
+    (:func:`pyro.poutine.uncondition`); the original observations stay in each site's
+    ``infer["obs"]``.
+
+    :param int num_samples: draw this many pairs at once in a vectorized plate placed left of
+        the model's plates (dim ``-max_plate_nesting - 1``); ``None`` draws one.
+    :param int max_plate_nesting: nesting depth of the model's plates (required with
+        ``num_samples``).
+    :returns: the model trace, pruned of subsample sites.
+    """
+    fn = poutine.uncondition(model)
+    if num_samples is not None:
+        if max_plate_nesting is None or max_plate_nesting == math.inf:
+            raise ValueError("model_joint_trace needs a finite max_plate_nesting to vectorize.")
+        fn = pyro.plate(PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)(fn)
+    return prune_subsample_sites(_run_traced(fn, "model", args, kwargs))
