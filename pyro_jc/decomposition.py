@@ -5,8 +5,9 @@ stratified estimator of Chen et al. (2018): for a batch of ``B`` out of ``N`` da
 
     q(z_i) ~= q(z_i | x_i) / N + (N - 1) / (N (B - 1)) * sum_{j != i} q(z_i | x_j),
 
-which is unbiased for ``q(z_i)`` and exact when the batch is the whole data set; its logarithm
-(and hence ``I_q``) is biased for small batches, by up to ``log B`` nats.
+which is unbiased for ``q(z_i)`` and exact when the batch is the whole data set. Its logarithm,
+and hence ``I_q``, is biased for small batches (Jensen's inequality; the bias shrinks as
+``B`` grows), and the ``I_q`` estimate never exceeds ``log N``.
 
 References
 

@@ -59,8 +59,9 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
     * ``"mutual_information"`` and ``"marginal_kl"`` (with ``estimate_information=True``):
       :math:`I_q(x;z)` and :math:`\mathrm{KL}[q(z)\|p(z)]`, with ``rate = mutual_information
       + marginal_kl``. They are minibatch estimates of the aggregate posterior
-      (:mod:`pyro_jc.decomposition`): the mutual information is biased downward for small
-      batches and can never exceed ``log(batch size)``; use batches of hundreds or more.
+      (:mod:`pyro_jc.decomposition`): biased for small batches (the aggregate posterior is
+      estimated from the batch's own encodings, and the estimate of :math:`I_q` can never
+      exceed ``log N`` for ``N`` datapoints); use batches of hundreds or more.
 
     :param int num_particles: number of particles (samples of :math:`z` per datapoint).
     :param max_plate_nesting: bound on the number of nested :class:`~pyro.plate` s;

@@ -28,8 +28,8 @@ class SampleOnly(dist.TorchDistribution):
         self.loc = loc
         super().__init__(batch_shape=loc.shape)
 
-    def sample(self, sample_shape=torch.Size()):
-        return self.loc + torch.randn(sample_shape + self.loc.shape).exp()
+    def sample(self, sample_shape=()):
+        return self.loc + torch.randn(torch.Size(sample_shape) + self.loc.shape).exp()
 
     def log_prob(self, value):
         raise NotImplementedError

@@ -1,0 +1,46 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Everything lives in .venv; torch comes from the local CPU wheel when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+EPOCHS ?= 30
+
+.PHONY: setup demo test quick lint format docs benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A plain `pip install torch` would pull a multi-GB CUDA build: take the CPU wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) examples/vae_digits.py --num-epochs $(EPOCHS) --out outputs/vae_digits
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# The whole suite, slow statistical runs included (`make quick` leaves them out).
+test: lint docs
+	$(PY) -m pytest -q
+
+quick: setup
+	$(PY) -m pytest -q -m "not slow"
+
+benchmark: setup
+	$(PY) examples/benchmark_elbo.py
+
+clean:
+	rm -rf $(VENV) docs/_build outputs .pytest_cache .ruff_cache .hypothesis
