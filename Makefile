@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
-EPOCHS ?= 30
+EPOCHS ?= 200
 
 .PHONY: setup demo test quick lint format docs benchmark clean
 

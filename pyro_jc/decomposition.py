@@ -12,9 +12,10 @@ and hence ``I_q``, is biased for small batches (Jensen's inequality; the bias sh
 References
 
 [1] Isolating Sources of Disentanglement in Variational Autoencoders,
-    Ricky T. Q. Chen, Xuechen Li, Roger Grosse, David Duvenaud (2018)
+R. T. Q. Chen, X. Li, R. Grosse, D. Duvenaud (2018)
+
 [2] ELBO surgery: yet another way to carve up the variational evidence lower bound,
-    Matthew D. Hoffman, Matthew J. Johnson (2016)
+M. D. Hoffman, M. J. Johnson (2016)
 """
 
 from __future__ import annotations

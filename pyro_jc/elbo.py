@@ -82,9 +82,11 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
     References
 
     [1] Joint-contrastive inference and model-based deep learning, L. Ambrogioni et al.
+
     [2] Auto-Encoding Variational Bayes, D. P. Kingma, M. Welling (2014)
+
     [3] beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework,
-        I. Higgins et al. (2017)
+    I. Higgins et al. (2017)
     """
 
     def __init__(

@@ -56,6 +56,7 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
     References
 
     [1] Importance Weighted Autoencoders, Y. Burda, R. Grosse, R. Salakhutdinov (2016)
+
     [2] Variational Inference for Monte Carlo Objectives, A. Mnih, D. J. Rezende (2016)
     """
 

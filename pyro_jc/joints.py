@@ -206,13 +206,13 @@ def check_guide_covers_model(model_trace, guide_trace):
 
 def compute_log_prob(trace, role):
     """``trace.compute_log_prob()``, naming the site whose density cannot be evaluated."""
-    for site in sample_sites(trace):
-        if "log_prob" in site:
-            continue
-        try:
-            trace.compute_log_prob(site_filter=lambda name, s, target=site["name"]: name == target)
-        except NotImplementedError as e:
-            raise implicit_density_error(site, role) from e
+    try:
+        trace.compute_log_prob()
+    except NotImplementedError as e:
+        site = next((s for s in sample_sites(trace) if "log_prob" not in s), None)
+        if site is None:
+            raise
+        raise implicit_density_error(site, role) from e
 
 
 def compute_score_parts(guide_trace):
