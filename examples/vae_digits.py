@@ -91,19 +91,20 @@ def plot(vae, x, y, path):
     import matplotlib.pyplot as plt
 
     with torch.no_grad():
-        recon = vae.reconstruct(x[:10]).cpu()
-        z = vae.encode(x).cpu()
+        recon = vae.reconstruct(x[:10]).cpu().numpy()
+        z = vae.encode(x).cpu().numpy()
+    images, labels = x.cpu().numpy(), y.cpu().numpy()
     fig = plt.figure(figsize=(12, 5))
     grid = fig.add_gridspec(2, 12)
     for i in range(10):
-        for row, img in enumerate((x[i].cpu(), recon[i])):
+        for row, img in enumerate((images[i], recon[i])):
             ax = fig.add_subplot(grid[row, i])
             ax.imshow(img.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
             ax.axis("off")
     fig.text(0.02, 0.72, "data", rotation=90)
     fig.text(0.02, 0.25, "recon.", rotation=90)
     ax = fig.add_axes([0.72, 0.1, 0.26, 0.8])
-    points = ax.scatter(z[:, 0], z[:, 1], c=y.cpu(), cmap="tab10", s=6)
+    points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=6)
     ax.set_title("held-out latent means")
     fig.colorbar(points, ax=ax, ticks=range(10))
     fig.subplots_adjust(left=0.04, right=0.68)
