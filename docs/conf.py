@@ -16,5 +16,4 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 intersphinx_mapping = {}  # no network at build time: cross-project links stay plain text
 nitpicky = False
 html_theme = "sphinx_rtd_theme"
-html_static_path = ["_static"]
 exclude_patterns = ["_build"]
