@@ -24,10 +24,10 @@ import math
 
 import torch
 
-from .joints import in_plate, latent_sites, num_datapoints, sample_sites
+from .joints import in_plate, latent_sites, num_datapoints, sample_sites, sum_to_datapoints
 
 
-def information_terms(model_trace, guide_trace, frame):
+def information_terms(model_trace, guide_trace, frame, particle_dim=None):
     """Per-datapoint mutual information and marginal KL from one (possibly vectorized) trace.
 
     Latents inside the data plate are *local* and enter ``I_q`` through the aggregate
@@ -37,6 +37,7 @@ def information_terms(model_trace, guide_trace, frame):
     conditionally independent given ``x`` (e.g. VAE encoders).
 
     :param frame: the data plate.
+    :param int particle_dim: dim of vectorized particles, each particle a replicate.
     :returns: ``(mutual_information, marginal_kl)`` as 0-dim tensors in nats per datapoint,
         or ``None`` when the batch has fewer than two datapoints.
     """
@@ -57,7 +58,9 @@ def information_terms(model_trace, guide_trace, frame):
                     "estimate_information=False."
                 )
         pair_log_q = pair_log_q + _pairwise_log_prob(guide_site, frame)
-        log_p = log_p + _per_datapoint(model_site["unscaled_log_prob"], frame)
+        log_p = log_p + sum_to_datapoints(
+            model_site["unscaled_log_prob"], model_site, frame, particle_dim
+        ).reshape(-1, size)
 
     global_rate = 0.0
     for site in sample_sites(guide_trace):
@@ -82,16 +85,6 @@ def information_terms(model_trace, guide_trace, frame):
     mutual_information = (diag - log_q_marginal).mean()
     marginal_kl = (log_q_marginal - log_p.detach()).mean() + global_rate
     return mutual_information, marginal_kl
-
-
-def _per_datapoint(log_prob, frame):
-    """Sum dims right of the data dim (plates inside a datapoint) and flatten those left of
-    it (particles) into replicates: ``[replicates, batch]``."""
-    data_dim = log_prob.dim() + frame.dim
-    inner = list(range(data_dim + 1, log_prob.dim()))
-    if inner:
-        log_prob = log_prob.sum(inner)
-    return log_prob.reshape(-1, frame.size)
 
 
 def _pairwise_log_prob(guide_site, frame):

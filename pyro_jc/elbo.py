@@ -184,7 +184,7 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
             "num_datapoints": num_datapoints(frame),
         }
         if self.estimate_information:
-            info = information_terms(model_trace, guide_trace, frame)
+            info = information_terms(model_trace, guide_trace, frame, self._particle_dim())
             if info is not None:
                 terms["mutual_information"], terms["marginal_kl"] = info
         return surrogate, terms

@@ -82,11 +82,6 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
         self.data_plate = data_plate
         self.diagnostics = {}
 
-    def _particle_dim(self):
-        if self.vectorize_particles and self.num_particles > 1:
-            return -self.max_plate_nesting
-        return None
-
     def _log_weights(self, model, guide, args, kwargs):
         """Log weights and score-function terms, each ``[K, batch]``.
 

@@ -271,6 +271,12 @@ class GuideJointTraces:
             check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
+    def _particle_dim(self):
+        """Dim of the vectorized particle plate, or ``None`` for sequential particles."""
+        if self.vectorize_particles and self.num_particles > 1:
+            return -self.max_plate_nesting
+        return None
+
     def _guess_max_plate_nesting(self, model, guide, args, kwargs):
         # Same random draws as Pyro's guess (one guide run, one replayed model run).
         with poutine.block():
