@@ -19,3 +19,11 @@ class NonFiniteError(JointContrastiveError, FloatingPointError):
 
 class PlateShapeError(JointContrastiveError):
     """A site's batch shape disagrees with the plates that enclose it."""
+
+
+class SimulatorError(JointContrastiveError):
+    """A simulator returned output of the wrong shape, type, or non-finite values."""
+
+
+class ObservationArgumentError(JointContrastiveError):
+    """The argument that carries an observed site's data to the model cannot be found."""

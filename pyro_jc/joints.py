@@ -12,6 +12,7 @@ that name the site and the remedy. Losses build on it; nothing here depends on a
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pyro
@@ -21,7 +22,14 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
-from .errors import ImplicitDensityError, MissingGuideSiteError, NonFiniteError, PlateShapeError
+from .distributions import SimulatorSites
+from .errors import (
+    ImplicitDensityError,
+    MissingGuideSiteError,
+    NonFiniteError,
+    ObservationArgumentError,
+    PlateShapeError,
+)
 
 #: Name of the plate Pyro's :class:`~pyro.infer.elbo.ELBO` puts around vectorized particles.
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -354,9 +362,132 @@ def model_joint_trace(model, args, kwargs, num_samples=None, max_plate_nesting=N
         ``num_samples``).
     :returns: the model trace, pruned of subsample sites.
     """
-    fn = poutine.uncondition(model)
+    fn = SimulatorSites()(poutine.uncondition(model))
     if num_samples is not None:
         if max_plate_nesting is None or max_plate_nesting == math.inf:
             raise ValueError("model_joint_trace needs a finite max_plate_nesting to vectorize.")
         fn = pyro.plate(PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)(fn)
     return prune_subsample_sites(_run_traced(fn, "model", args, kwargs))
+
+
+def observed_values(trace):
+    """``{name: data}`` of the sites observed in the model (also after ``uncondition``)."""
+    values = {}
+    for site in sample_sites(trace):
+        if site["is_observed"]:
+            values[site["name"]] = site["value"]
+        elif site["infer"].get("was_observed"):
+            values[site["name"]] = site["infer"]["obs"]
+    return values
+
+
+def values_trace(values):
+    """A trace holding ``values`` as unobserved sample sites, for :func:`pyro.poutine.replay`."""
+    trace = poutine.Trace()
+    for name, value in values.items():
+        trace.add_node(name, type="sample", value=value, is_observed=False, infer={})
+    return trace
+
+
+# ---------------------------------------------------------------------------------------------
+# Passing observations to the guide
+
+
+class ObservationArguments:
+    """Where each observed site's data enters the model's arguments, so simulated data can be
+    given to the guide through the same argument that carries the real data.
+
+    :param model: the model (its signature resolves argument names).
+    :param observations: ``None`` to find each argument automatically (the argument that *is*
+        the site's ``obs`` tensor, else the one equal to it); a dict from site name to an
+        argument name or position; or a callable ``observations(values, *args, **kwargs)``
+        returning new ``(args, kwargs)`` for ``values = {site: simulated data}``.
+    """
+
+    def __init__(self, model, observations=None):
+        if not (observations is None or callable(observations) or isinstance(observations, dict)):
+            raise TypeError(
+                "observations must be None, a dict {site name: argument name or position}, or "
+                f"a callable; got {type(observations).__name__}."
+            )
+        self.model = model
+        self.observations = observations
+
+    def substitute(self, obs, values, args, kwargs):
+        """Arguments with each observed site's data replaced by ``values[site]``.
+
+        :param dict obs: ``{site: real data}`` from a model trace (:func:`observed_values`).
+        """
+        if callable(self.observations):
+            new_args, new_kwargs = self.observations(values, *args, **kwargs)
+            return tuple(new_args), dict(new_kwargs)
+        args, kwargs = list(args), dict(kwargs)
+        seen = {}
+        for name, value in values.items():
+            where = self._locate(name, obs[name], args, kwargs)
+            if where in seen:
+                raise ObservationArgumentError(
+                    f"Observed sites {seen[where]!r} and {name!r} both take their data from "
+                    f"argument {where[1]!r}; pass observations=callable(values, *args, **kwargs) "
+                    "that builds the arguments from both simulated values."
+                )
+            seen[where] = name
+            kind, key = where
+            if kind == "arg":
+                args[key] = value
+            else:
+                kwargs[key] = value
+        return tuple(args), kwargs
+
+    def _locate(self, name, data, args, kwargs):
+        if isinstance(self.observations, dict):
+            if name not in self.observations:
+                raise ObservationArgumentError(
+                    f"observations= does not say which argument carries observed site {name!r}; "
+                    f"it maps {sorted(self.observations)}."
+                )
+            return self._resolve(name, self.observations[name], args, kwargs)
+        candidates = [(k, i) for k, i, v in _arguments(args, kwargs) if v is data]
+        if not candidates:
+            candidates = [
+                (k, i)
+                for k, i, v in _arguments(args, kwargs)
+                if torch.is_tensor(v) and v.shape == data.shape and bool(torch.equal(v, data))
+            ]
+        if len(candidates) == 1:
+            return candidates[0]
+        what = "no argument" if not candidates else f"several arguments ({candidates})"
+        raise ObservationArgumentError(
+            f"Cannot tell which argument carries the data of observed site {name!r}: {what} of "
+            "the model holds its obs tensor. Pass observations={" + repr(name) + ": 'x'} (the "
+            "argument's name or position), or a callable building the arguments from the "
+            "simulated values."
+        )
+
+    def _resolve(self, name, key, args, kwargs):
+        if isinstance(key, int):
+            if not -len(args) <= key < len(args):
+                raise ObservationArgumentError(
+                    f"observations[{name!r}] = {key} but the model got {len(args)} positional "
+                    "arguments."
+                )
+            return ("arg", key % len(args))
+        if key in kwargs:
+            return ("kwarg", key)
+        try:
+            params = list(inspect.signature(self.model).parameters)
+        except (TypeError, ValueError):
+            params = []
+        if key in params and params.index(key) < len(args):
+            return ("arg", params.index(key))
+        raise ObservationArgumentError(
+            f"observations[{name!r}] = {key!r}, but the model was called without an argument of "
+            f"that name (keyword arguments: {sorted(kwargs)}, signature: {params})."
+        )
+
+
+def _arguments(args, kwargs):
+    for i, v in enumerate(args):
+        yield "arg", i, v
+    for k, v in kwargs.items():
+        yield "kwarg", k, v

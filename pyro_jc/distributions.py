@@ -1,0 +1,292 @@
+"""Implicit distributions: sample-only Pyro distributions around a simulator.
+
+A simulator is any function from parameters to a sample: torch or numpy, vectorized over a
+batch or one draw at a time, differentiable or a black box. Wrapped in :class:`Implicit`, it
+is an ordinary site of a Pyro model (plates, vectorized particles, ``Predictive``), but has
+no density: losses that need ``log_prob`` refuse it with a clear error, and the
+likelihood-free losses (:class:`~pyro_jc.ForwardKL`, the adversarial guide) use it.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from pyro.poutine.messenger import Messenger
+
+from .errors import ImplicitDensityError, SimulatorError
+
+#: Key of ``site["infer"]`` holding the boolean mask of simulations dropped as invalid.
+INVALID_KEY = "invalid_simulations"
+
+_ON_INVALID = ("raise", "drop")
+
+
+class Implicit(TorchDistribution):
+    r"""A distribution known only through a simulator: ``x ~ simulator(*params)``.
+
+    The batch shape is the broadcast of the parameters' batch shapes (each parameter's shape
+    minus its ``param_event_dims`` rightmost dims). A vectorized simulator receives every
+    draw at once: each parameter broadcast and flattened to shape
+    ``(n, *param_event_shape)``, and it must return shape ``(n, *event_shape)``. Under
+    plates and vectorized particles ``n`` is the product of all batch and sample dims.
+    With ``vectorized=False`` the simulator is called once per draw with parameters of
+    shape ``param_event_shape`` and must return shape ``event_shape``.
+
+    Example (a numpy simulator, one draw at a time)::
+
+        def sir(beta, gamma):
+            ...                      # numpy arrays in, numpy array of shape (10,) out
+            return counts
+
+        with pyro.plate("data", n):
+            pyro.sample("x", Implicit(sir, beta, gamma, event_shape=(10,),
+                                      vectorized=False, numpy=True), obs=x)
+
+    :param callable simulator: the simulator.
+    :param params: its parameters (tensors or numbers); they set device and dtype of the
+        output.
+    :param event_shape: shape of one simulated outcome.
+    :param param_event_dims: number of rightmost dims of each parameter that belong to one
+        simulation (an int for all, or one per parameter); ``0`` for scalar parameters.
+    :param bool vectorized: whether the simulator handles a batch of draws.
+    :param bool numpy: pass parameters as numpy arrays (detached, on the CPU). Whatever the
+        simulator returns (tensor, array, list) comes back as a tensor on the parameters'
+        device and dtype.
+    :param bool reparameterized: the simulator is a differentiable torch function of its
+        parameters (and its own noise); :meth:`rsample` then carries gradients.
+    :param support: the outcome's support (default real).
+    :param str on_invalid: ``"raise"`` (default) raises :class:`~pyro_jc.SimulatorError` on
+        non-finite output; ``"drop"`` replaces invalid draws with zeros and records their
+        mask so that :class:`~pyro_jc.ForwardKL` and :func:`~pyro_jc.simulate` drop them
+        (they count and report how many).
+    """
+
+    arg_constraints = {}
+
+    def __init__(
+        self,
+        simulator,
+        *params,
+        event_shape=(),
+        param_event_dims=0,
+        vectorized=True,
+        numpy=False,
+        reparameterized=False,
+        support=constraints.real,
+        on_invalid="raise",
+        validate_args=None,
+    ):
+        if not callable(simulator):
+            raise TypeError(f"Implicit needs a callable simulator, got {type(simulator)}.")
+        if on_invalid not in _ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}.")
+        if isinstance(param_event_dims, numbers.Integral):
+            param_event_dims = (int(param_event_dims),) * len(params)
+        param_event_dims = tuple(param_event_dims)
+        if len(param_event_dims) != len(params):
+            raise ValueError(
+                f"param_event_dims has {len(param_event_dims)} entries for {len(params)} "
+                "parameters; give one per parameter or a single int."
+            )
+        tensors = _as_tensors(params)
+        for i, (p, d) in enumerate(zip(tensors, param_event_dims)):
+            if p.dim() < d:
+                raise ValueError(
+                    f"Parameter {i} of the simulator has shape {tuple(p.shape)}, fewer dims "
+                    f"than its param_event_dims={d}."
+                )
+        self.simulator = simulator
+        self.params = tensors
+        self.param_event_dims = param_event_dims
+        self.vectorized = vectorized
+        self.numpy = numpy
+        self.reparameterized = reparameterized
+        self.on_invalid = on_invalid
+        self._support = support
+        #: Mask of the draws of the latest sample that were invalid (``on_invalid="drop"``).
+        self.last_invalid = None
+        batch_shape = torch.broadcast_shapes(
+            *(p.shape[: p.dim() - d] for p, d in zip(tensors, param_event_dims))
+        )
+        super().__init__(batch_shape, torch.Size(event_shape), validate_args=validate_args)
+
+    @property
+    def has_rsample(self):
+        return self.reparameterized
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.independent(self._support, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        params = [
+            p.expand(batch_shape + p.shape[p.dim() - d :])
+            for p, d in zip(self.params, self.param_event_dims)
+        ]
+        new = Implicit(
+            self.simulator,
+            *params,
+            event_shape=self.event_shape,
+            param_event_dims=self.param_event_dims,
+            vectorized=self.vectorized,
+            numpy=self.numpy,
+            reparameterized=self.reparameterized,
+            support=self._support,
+            on_invalid=self.on_invalid,
+            validate_args=False,
+        )
+        new._site_name = getattr(self, "_site_name", None)
+        return new
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self._simulate(sample_shape, detach=True)
+
+    def rsample(self, sample_shape=torch.Size()):
+        if not self.reparameterized:
+            raise NotImplementedError(
+                f"{self._where()} is not reparameterized: its simulator is treated as a black "
+                "box. Pass reparameterized=True if it is a differentiable torch function."
+            )
+        return self._simulate(sample_shape, detach=False)
+
+    def log_prob(self, value):
+        raise ImplicitDensityError(
+            f"{self._where()} has no density: its likelihood is implicit (a simulator that can "
+            "only be sampled), so log_prob cannot be evaluated. Train with a likelihood-free "
+            "loss: pyro_jc.ForwardKL (simulation-based training of an amortized guide) or "
+            "pyro_jc.AdversarialGuide (a discriminator estimates the density ratio)."
+        )
+
+    # -----------------------------------------------------------------------------------------
+
+    def _where(self):
+        name = getattr(self, "_site_name", None)
+        return f"Implicit site {name!r}" if name else "An Implicit distribution"
+
+    def _simulate(self, sample_shape, detach):
+        shape = torch.Size(sample_shape) + self.batch_shape
+        n = shape.numel()
+        flat = []
+        for p, d in zip(self.params, self.param_event_dims):
+            event = p.shape[p.dim() - d :]
+            p = p.detach() if detach else p
+            flat.append(p.expand(shape + event).reshape((n,) + event))
+        ref = self.params[0] if self.params else torch.zeros(())
+        if self.vectorized:
+            out = self._to_tensor(self.simulator(*self._inputs(flat)), ref)
+            self._check_shape(out, (n,) + self.event_shape, "returned")
+        else:
+            draws = []
+            for i in range(n):
+                draw = self._to_tensor(self.simulator(*self._inputs([p[i] for p in flat])), ref)
+                self._check_shape(draw, self.event_shape, f"returned for draw {i}")
+                draws.append(draw)
+            out = torch.stack(draws) if draws else ref.new_zeros((0,) + self.event_shape)
+        out = self._check_finite(out)
+        return out.reshape(shape + self.event_shape)
+
+    def _inputs(self, tensors):
+        if self.numpy:
+            return [t.detach().cpu().numpy() for t in tensors]
+        return tensors
+
+    def _to_tensor(self, out, ref):
+        if isinstance(out, torch.Tensor):
+            return out.to(device=ref.device, dtype=ref.dtype)
+        try:
+            return torch.as_tensor(np.asarray(out), dtype=ref.dtype, device=ref.device)
+        except (TypeError, ValueError) as e:
+            raise SimulatorError(
+                f"{self._where()}: the simulator returned {type(out).__name__}, which cannot be "
+                "converted to a tensor; return a torch tensor or a numeric numpy array."
+            ) from e
+
+    def _check_shape(self, out, expected, what):
+        if out.shape != torch.Size(expected):
+            hint = (
+                "A vectorized simulator receives parameters flattened to (n, *param_event_shape) "
+                "and must return (n, *event_shape); pass vectorized=False for a simulator that "
+                "draws one outcome per call."
+                if self.vectorized
+                else "Check event_shape and param_event_dims."
+            )
+            raise SimulatorError(
+                f"{self._where()}: the simulator {what} shape {tuple(out.shape)}, expected "
+                f"{tuple(expected)} (event_shape={tuple(self.event_shape)}). {hint}"
+            )
+
+    def _check_finite(self, out):
+        valid = torch.isfinite(out).reshape(out.shape[0], -1).all(-1)
+        self.last_invalid = None
+        if bool(valid.all()):
+            return out
+        num_bad = int((~valid).sum())
+        if self.on_invalid == "raise":
+            raise SimulatorError(
+                f"{self._where()}: the simulator returned non-finite values (NaN or inf) in "
+                f"{num_bad} of {out.shape[0]} draws. Fix the simulator, restrict the prior to "
+                "parameters it handles, or pass on_invalid='drop' to discard such draws (the "
+                "losses count and report them)."
+            )
+        self.last_invalid = ~valid
+        mask = (~valid).reshape((-1,) + (1,) * len(self.event_shape))
+        return torch.where(mask, torch.zeros_like(out), out)
+
+
+def _as_tensors(params):
+    tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    ref = tensors[0] if tensors else None
+    out = []
+    for p in params:
+        if isinstance(p, torch.Tensor):
+            out.append(p)
+        elif ref is not None:
+            out.append(torch.as_tensor(p, dtype=ref.dtype, device=ref.device))
+        else:
+            out.append(torch.as_tensor(p, dtype=torch.get_default_dtype()))
+    return out
+
+
+def base_implicit(fn):
+    """The :class:`Implicit` inside ``fn`` (through ``Independent``, ``expand``, masks), or
+    ``None``."""
+    while fn is not None:
+        if isinstance(fn, Implicit):
+            return fn
+        fn = getattr(fn, "base_dist", None)
+    return None
+
+
+class SimulatorSites(Messenger):
+    """Handler that names :class:`Implicit` sites in their errors and records the mask of
+    dropped draws in ``site["infer"]["invalid_simulations"]`` (shape of the site's batch)."""
+
+    def _pyro_sample(self, msg):
+        implicit = base_implicit(msg["fn"])
+        if implicit is not None:
+            implicit._site_name = msg["name"]
+
+    def _pyro_post_sample(self, msg):
+        implicit = base_implicit(msg["fn"])
+        if implicit is None or implicit.last_invalid is None or msg["is_observed"]:
+            return
+        event_dim = len(msg["fn"].event_shape)
+        batch_shape = msg["value"].shape[: msg["value"].dim() - event_dim]
+        invalid = implicit.last_invalid
+        # The base draws may be fewer than the site's (expanded) batch: broadcast them.
+        msg["infer"][INVALID_KEY] = _broadcast_invalid(invalid, batch_shape)
+        implicit.last_invalid = None
+
+
+def _broadcast_invalid(invalid, batch_shape):
+    n = batch_shape.numel()
+    if invalid.numel() == n:
+        return invalid.reshape(batch_shape)
+    # An ExpandedDistribution drew independent copies in the interstitial dims; without a
+    # way to map them back, mark the whole batch by any invalid draw.
+    return invalid.any().expand(batch_shape)
