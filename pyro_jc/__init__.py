@@ -3,19 +3,31 @@
 Every loss compares the model joint ``p(z, x)`` with the guide joint ``q(z | x) k(x)``.
 """
 
+from .autoguides import AutoAmortizedFlow, AutoAmortizedNormal
+from .distributions import Implicit
 from .elbo import JointContrastiveELBO, JointContrastiveMeanFieldELBO
 from .errors import (
     ImplicitDensityError,
     JointContrastiveError,
     MissingGuideSiteError,
     NonFiniteError,
+    ObservationArgumentError,
     PlateShapeError,
+    SimulatorError,
 )
+from .forward_kl import ForwardKL, simulate
 from .iwelbo import JointContrastiveIWELBO
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoAmortizedFlow",
+    "AutoAmortizedNormal",
+    "ForwardKL",
+    "Implicit",
+    "ObservationArgumentError",
+    "SimulatorError",
+    "simulate",
     "ImplicitDensityError",
     "JointContrastiveELBO",
     "JointContrastiveError",

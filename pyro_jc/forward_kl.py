@@ -21,6 +21,7 @@ from pyro.infer.elbo import ELBO
 from .distributions import INVALID_KEY, SimulatorSites
 from .errors import ImplicitDensityError, MissingGuideSiteError, NonFiniteError, PlateShapeError
 from .joints import (
+    AUXILIARY_KEY,
     PARTICLE_PLATE,
     ObservationArguments,
     check_plate_shapes,
@@ -183,8 +184,10 @@ class ForwardKL(ELBO):
             # An unbatched run gives sites fewer batch dims than a plate over simulations
             # would; banks store that vectorized layout (simulation dim, then the plates).
             latents, sims = (
-                {k: _with_simulation_dim(v, trace.nodes[k], self.max_plate_nesting)
-                 for k, v in values.items()}
+                {
+                    k: _with_simulation_dim(v, trace.nodes[k], self.max_plate_nesting)
+                    for k, v in values.items()
+                }
                 for values in (latents, sims)
             )
         return latents, sims, invalid, observed_values(trace)
@@ -258,6 +261,8 @@ class ForwardKL(ELBO):
                     f"pyro.sample({name!r}, ...) to the guide."
                 )
         for site in sample_sites(guide_trace):
+            if site["infer"].get(AUXILIARY_KEY):
+                continue
             if site["name"] not in latents and not site["is_observed"]:
                 raise MissingGuideSiteError(
                     f"Guide site {site['name']!r} is not a latent site of the model. ForwardKL "
@@ -276,6 +281,7 @@ class ForwardKL(ELBO):
         count = 0
         num_invalid = 0
         for latents, sims, invalid, size, obs in self._pairs(model, args, kwargs):
+            self._standardize(guide, args, kwargs, latents, sims, invalid)
             log_q, guide_trace = self._log_q(guide, args, kwargs, latents, sims, size, obs)
             if invalid is not None:
                 num_invalid += int(invalid.sum())
@@ -300,6 +306,24 @@ class ForwardKL(ELBO):
             "num_invalid": num_invalid,
         }
         return loss
+
+    def _standardize(self, guide, args, kwargs, latents, sims, invalid):
+        """Let a guide that standardizes its inputs (the amortized autoguides) fit the
+        statistics once, from the bank's training split or the first simulations."""
+        if getattr(guide, "is_standardized", True) or not hasattr(guide, "standardize"):
+            return
+        if getattr(guide, "prototype_trace", False) is None:
+            guide._setup_prototype(*args, **kwargs)
+        if self.bank is not None:
+            latents, sims = self.bank.training_split()
+        elif invalid is not None:
+            latents = {k: v[~invalid] for k, v in latents.items()}
+            sims = {k: v[~invalid] for k, v in sims.items()}
+        device = _device_of(self._prototype_obs)
+        guide.standardize(
+            observations={k: v.to(device) for k, v in sims.items()},
+            latents={k: v.to(device) for k, v in latents.items()},
+        )
 
     def _report_invalid(self, num_invalid, num):
         self.num_invalid += num_invalid
@@ -541,6 +565,9 @@ class SimulationBank:
         index = self._order[self._position : self._position + self.batch_size]
         self._position += self.batch_size
         return self._take(index)
+
+    def training_split(self):
+        return self._take(self.train_index)
 
     def validation_batches(self):
         if len(self.validation_index) == 0:

@@ -31,6 +31,10 @@ from .errors import (
     PlateShapeError,
 )
 
+#: Key of ``site["infer"]`` marking a guide's auxiliary site of zero density whose draws the
+#: latent sites carry (the amortized autoguides); losses need not replay it.
+AUXILIARY_KEY = "pyro_jc_carrier"
+
 #: Name of the plate Pyro's :class:`~pyro.infer.elbo.ELBO` puts around vectorized particles.
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -413,6 +417,31 @@ class ObservationArguments:
         self.model = model
         self.observations = observations
 
+    def locate(self, obs, args, kwargs):
+        """``{site: ("arg", position) or ("kwarg", name)}`` for each observed site.
+
+        :param dict obs: ``{site: real data}`` from a model trace (:func:`observed_values`).
+        """
+        locations = {name: self._locate(name, data, args, kwargs) for name, data in obs.items()}
+        seen = {}
+        for name, where in locations.items():
+            if where in seen:
+                raise ObservationArgumentError(
+                    f"Observed sites {seen[where]!r} and {name!r} both take their data from "
+                    f"argument {where[1]!r}; pass observations=callable(values, *args, **kwargs) "
+                    "that builds the arguments from both simulated values."
+                )
+            seen[where] = name
+        return locations
+
+    @staticmethod
+    def read(locations, args, kwargs):
+        """``{site: data}`` read from the arguments at ``locations``."""
+        return {
+            name: args[key] if kind == "arg" else kwargs[key]
+            for name, (kind, key) in locations.items()
+        }
+
     def substitute(self, obs, values, args, kwargs):
         """Arguments with each observed site's data replaced by ``values[site]``.
 
@@ -421,18 +450,10 @@ class ObservationArguments:
         if callable(self.observations):
             new_args, new_kwargs = self.observations(values, *args, **kwargs)
             return tuple(new_args), dict(new_kwargs)
+        locations = self.locate({k: obs[k] for k in values}, args, kwargs)
         args, kwargs = list(args), dict(kwargs)
-        seen = {}
         for name, value in values.items():
-            where = self._locate(name, obs[name], args, kwargs)
-            if where in seen:
-                raise ObservationArgumentError(
-                    f"Observed sites {seen[where]!r} and {name!r} both take their data from "
-                    f"argument {where[1]!r}; pass observations=callable(values, *args, **kwargs) "
-                    "that builds the arguments from both simulated values."
-                )
-            seen[where] = name
-            kind, key = where
+            kind, key = locations[name]
             if kind == "arg":
                 args[key] = value
             else:

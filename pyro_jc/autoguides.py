@@ -1,0 +1,584 @@
+"""Amortized autoguides: guides built from a model alone that map observations to a posterior
+over every latent site (a diagonal normal or a conditional normalizing flow).
+
+Every latent is mapped to unconstrained space with :func:`~torch.distributions.biject_to`, the
+unconstrained values are joined into one vector ``u`` and ``q(u | x)`` is a distribution
+conditioned on an embedding of the (standardized) observations. Samples are pushed back
+through the bijections, so they never leave a bounded prior's support.
+
+The guides work with :class:`~pyro_jc.ForwardKL` (which replays simulated latents into the
+guide: the joint density is evaluated at the latents' actual values) and with the
+joint-contrastive ELBOs (reparameterized samples).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from functools import reduce
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.nn import PyroModule
+from torch import nn
+from torch.distributions import biject_to
+
+from .joints import (
+    AUXILIARY_KEY,
+    ObservationArguments,
+    data_frames,
+    find_data_plate,
+    in_plate,
+    latent_sites,
+    observed_values,
+    sample_sites,
+)
+from .nn import MLP, DeepSet, Standardize
+
+_FLOW_TRANSFORMS = ("affine_autoregressive", "spline_autoregressive", "affine_coupling")
+
+
+def _numel(shape):
+    return reduce(operator.mul, shape, 1)
+
+
+class AutoAmortizedGuide(PyroModule):
+    """Base class of the amortized autoguides (see :class:`AutoAmortizedNormal` and
+    :class:`AutoAmortizedFlow`); subclasses define :meth:`_build_posterior` and
+    :meth:`_posterior`.
+
+    Latent sites must be continuous, and either all global (outside the data plate: their
+    posterior is conditioned on the whole observation, embedded by a permutation-invariant
+    :class:`~pyro_jc.nn.DeepSet` when the observations are i.i.d. in a plate) or all local
+    (inside the data plate: ``q(z_i | x_i)`` per datapoint).
+
+    :param callable model: the Pyro model.
+    :param observations: which argument carries each observed site's data (see
+        :class:`~pyro_jc.joints.ObservationArguments`); found automatically by default.
+    :param nn.Module embedding: network from standardized observations to a context vector,
+        trained jointly. It receives ``(..., features)`` (all observations flattened), or
+        ``(..., n, features)`` for i.i.d. observations in a data plate of size ``n``, and
+        must return ``(..., context_dim)``. Default: an MLP, or a DeepSet for i.i.d. sets.
+    :param int context_dim: output size of the default embedding.
+    :param hidden_dims: hidden widths of the default embedding.
+    """
+
+    def __init__(
+        self, model, *, observations=None, embedding=None, context_dim=64, hidden_dims=(64, 64)
+    ):
+        super().__init__(name=type(self).__name__)
+        self._model = (model,)  # a tuple keeps a model nn.Module out of this module's children
+        self._arguments = ObservationArguments(model, observations)
+        self._embedding_arg = embedding
+        self.context_dim = context_dim
+        self.hidden_dims = tuple(hidden_dims)
+        self.prototype_trace = None
+
+    # -- prototype --------------------------------------------------------------------------
+
+    def _setup_prototype(self, *args, **kwargs):
+        model = self._model[0]
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        self.prototype_trace = trace
+        latents = [s for s in latent_sites(trace)]
+        if not latents:
+            raise ValueError("The model has no latent sites: there is nothing to infer.")
+        for site in latents:
+            if site["fn"].support.is_discrete:
+                raise NotImplementedError(
+                    f"Latent site {site['name']!r} is discrete; {type(self).__name__} covers "
+                    "continuous latents. Write the guide by hand for discrete sites (e.g. a "
+                    "Categorical whose logits come from a network of x)."
+                )
+        self._frame = find_data_plate(trace)
+        dims = [f.dim for s in sample_sites(trace) for f in data_frames(s)]
+        self._nesting = -min(dims) if dims else 0
+        obs = observed_values(trace)
+        if not obs:
+            raise ValueError(
+                f"The model has no observed site, so {type(self).__name__} has nothing to "
+                "condition on; give the data with obs=."
+            )
+        self._locations = self._arguments.locate(obs, args, kwargs)
+        observed = {s["name"]: s for s in sample_sites(trace) if s["name"] in obs}
+        local = [s["name"] for s in latents if in_plate(s, self._frame)]
+        glob = [s["name"] for s in latents if not in_plate(s, self._frame)]
+        if local and glob:
+            raise NotImplementedError(
+                f"{type(self).__name__} covers models whose latents are all global or all "
+                f"local to the data plate {self._frame.name!r}; this one mixes global "
+                f"{glob} and local {local}. Write a guide that conditions the local sites on "
+                "the global ones."
+            )
+        self._local = bool(local)
+        per_datapoint = self._frame is not None and all(
+            in_plate(s, self._frame) for s in observed.values()
+        )
+        if self._local and not per_datapoint:
+            raise NotImplementedError(
+                "Local latents need every observed site inside the data plate "
+                f"{self._frame.name!r}, so that each datapoint has its own observation."
+            )
+        self._per_datapoint = per_datapoint
+        self._obs_layout = {
+            name: (obs[name].dim(), len(site["fn"].event_shape)) for name, site in observed.items()
+        }
+        self._latent_layout = [self._site_layout(s) for s in latents]
+        self.latent_dim = sum(layout["size"] for layout in self._latent_layout)
+
+        x = self._features(self._read(args, kwargs))
+        device, dtype = x.device, x.dtype
+        self.obs_standardize = Standardize(x.shape[-1]).to(device=device, dtype=dtype)
+        self.latent_standardize = Standardize(self.latent_dim).to(device=device, dtype=dtype)
+        self.embedding = self._build_embedding(x.shape[-1]).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            context_dim = self.embedding(x).shape[-1]
+        self._build_posterior(context_dim)
+        self.to(device=device, dtype=dtype)
+
+    def _site_layout(self, site):
+        event_shape = site["fn"].event_shape
+        batch_shape = site["value"].shape[: site["value"].dim() - len(event_shape)]
+        batch_shape = (1,) * (self._nesting - len(batch_shape)) + tuple(batch_shape)
+        transform = biject_to(site["fn"].support)
+        unconstrained = tuple(transform.inv.forward_shape(event_shape))
+        frames = [f for f in data_frames(site) if f != self._frame]
+        if self._local:
+            for f in frames:
+                raise NotImplementedError(
+                    f"Local site {site['name']!r} is in plate {f.name!r} nested in the data "
+                    "plate; amortized autoguides support one data plate per local site."
+                )
+        for f in frames:
+            if f.full_size is not None and f.full_size != f.size:
+                raise NotImplementedError(
+                    f"Global site {site['name']!r} is in the subsampled plate {f.name!r}; "
+                    "amortized autoguides subsample only the data plate."
+                )
+        per_unit = _numel(unconstrained)
+        size = per_unit if self._local else per_unit * _numel(batch_shape)
+        return {
+            "name": site["name"],
+            "batch_shape": torch.Size(batch_shape),
+            "event_shape": torch.Size(event_shape),
+            "unconstrained_shape": torch.Size(unconstrained),
+            "transform": transform,
+            "support": site["fn"].support,
+            "frames": frames,
+            "size": size,
+        }
+
+    def _build_embedding(self, in_dim):
+        if self._embedding_arg is not None:
+            return self._embedding_arg
+        if self._per_datapoint and not self._local:
+            return DeepSet(in_dim, self.hidden_dims, self.context_dim)
+        return MLP(in_dim, self.hidden_dims, self.context_dim)
+
+    # -- observations -----------------------------------------------------------------------
+
+    def _read(self, args, kwargs):
+        return self._arguments.read(self._locations, args, kwargs)
+
+    def _prefix(self, observations):
+        name, x = next(iter(observations.items()))
+        ndim = self._obs_layout[name][0]
+        if x.dim() < ndim:
+            raise ValueError(
+                f"Observation {name!r} has shape {tuple(x.shape)}, fewer dims than the "
+                f"prototype's ({ndim})."
+            )
+        return x.shape[: x.dim() - ndim]
+
+    def _features(self, observations, index=None):
+        """Flatten observations to ``(*prefix, features)``, or ``(*prefix, n, features)``
+        per datapoint (``index`` subsamples the data plate)."""
+        prefix = self._prefix(observations)
+        feats = []
+        for name, x in observations.items():
+            _, event_dim = self._obs_layout[name]
+            if not self._per_datapoint:
+                feats.append(x.reshape(prefix + (-1,)))
+                continue
+            data_dim = x.dim() + self._frame.dim - event_dim
+            x = x.movedim(data_dim, len(prefix))
+            if index is not None and x.shape[len(prefix)] != len(index):
+                x = x.index_select(len(prefix), index)
+            feats.append(x.reshape(x.shape[: len(prefix) + 1] + (-1,)))
+        return torch.cat(feats, -1)
+
+    def standardize(self, observations=None, latents=None):
+        """Fit the standardization of observations and/or latents from samples, e.g. the
+        simulations of a bank (called by :class:`~pyro_jc.ForwardKL`).
+
+        :param dict observations: ``{observed site: values}`` with leading sample dims.
+        :param dict latents: ``{latent site: values}`` in the model's layout with leading
+            sample dims.
+        """
+        if observations is not None:
+            x = self._features(observations)
+            self.obs_standardize.fit(x)
+        if latents is not None:
+            u = self._unconstrained_vector(latents)
+            self.latent_standardize.fit(u)
+
+    @property
+    def is_standardized(self):
+        return self.prototype_trace is not None and bool(self.latent_standardize.fitted)
+
+    # -- latents ----------------------------------------------------------------------------
+
+    def _unconstrained_vector(self, values):
+        """Join the unconstrained latents into ``(*left, *aux_batch, latent_dim)``."""
+        parts = []
+        for layout in self._latent_layout:
+            z = values[layout["name"]]
+            u = layout["transform"].inv(z)
+            n_event = len(layout["unconstrained_shape"])
+            batch = u.shape[: u.dim() - n_event]
+            if self._local:
+                parts.append(u.reshape(batch + (-1,)))
+            else:
+                left = batch[: len(batch) - self._nesting]
+                parts.append(u.reshape(left + (1,) * self._nesting + (-1,)))
+        shape = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+        return torch.cat([p.expand(shape + p.shape[-1:]) for p in parts], -1)
+
+    def _split(self, u):
+        """Split ``u`` into each site's unconstrained value in the model's layout."""
+        left = u.shape[: u.dim() - 1 - self._nesting]
+        aux_batch = u.shape[u.dim() - 1 - self._nesting : -1]
+        out, offset = [], 0
+        for layout in self._latent_layout:
+            piece = u[..., offset : offset + layout["size"]]
+            offset += layout["size"]
+            batch = aux_batch if self._local else layout["batch_shape"]
+            out.append(piece.reshape(left + batch + layout["unconstrained_shape"]))
+        return out
+
+    def _log_jacobian(self, layout, u, z, aux_ndim):
+        t = layout["transform"]
+        ldj = sum_rightmost(
+            t.log_abs_det_jacobian(u, z), len(layout["event_shape"]) - t.codomain.event_dim
+        )
+        # Plate dims of a global site are part of the joined vector: sum them.
+        dims = [d for d in range(-self._nesting, 0) if ldj.dim() >= -d and ldj.shape[d] > 1]
+        if not self._local and dims:
+            ldj = ldj.sum(dims, keepdim=True)
+        return (
+            ldj if ldj.dim() >= aux_ndim else ldj.reshape((1,) * (aux_ndim - ldj.dim()) + ldj.shape)
+        )
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _context(self, args, kwargs, index=None):
+        observations = self._read(args, kwargs)
+        x = self._features(observations, index)
+        if not bool(self.obs_standardize.fitted) and x.reshape(-1, x.shape[-1]).shape[0] > 1:
+            self.obs_standardize.fit(x)
+        context = self.embedding(self.obs_standardize(x))
+        prefix = self._prefix(observations)
+        if self._local:
+            n = context.shape[len(prefix)]
+            aux_batch = [1] * self._nesting
+            aux_batch[self._frame.dim] = n
+            return context.reshape(prefix + tuple(aux_batch) + context.shape[-1:])
+        return context.reshape(prefix + (1,) * self._nesting + context.shape[-1:])
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        pyro.module(self._pyro_name, self, update_module_params=False)
+        if self._local:
+            frame = self._frame
+            subsample_size = frame.size if frame.full_size not in (None, frame.size) else None
+            with pyro.plate(
+                frame.name,
+                frame.full_size or frame.size,
+                subsample_size=subsample_size,
+                dim=frame.dim,
+            ) as index:
+                index = index if subsample_size is not None else None
+                return self._sample_sites(self._context(args, kwargs, index))
+        return self._sample_sites(self._context(args, kwargs))
+
+    def _sample_sites(self, context):
+        q_u = self._posterior(context)
+        u = pyro.sample(
+            f"_{self._pyro_name}_latent",
+            _Auxiliary(q_u),
+            infer={"is_auxiliary": True, AUXILIARY_KEY: True},
+        )
+        pieces = self._split(u)
+        proposed, values = {}, {}
+        density_site = self._density_site()
+        aux_ndim = u.dim() - 1
+
+        def log_density():
+            # log q(z | x) at the values the sites actually took (replayed ones included).
+            ours = all(values[k] is proposed[k] for k in values)
+            v = u if ours else self._unconstrained_vector(values)
+            pieces_v = pieces if ours else self._split(v)
+            log_q = q_u.log_prob(v)
+            for layout, piece in zip(self._latent_layout, pieces_v):
+                log_q = log_q - self._log_jacobian(layout, piece, values[layout["name"]], aux_ndim)
+            return log_q
+
+        for layout, piece in zip(self._latent_layout, pieces):
+            name = layout["name"]
+            z = layout["transform"](piece)
+            proposed[name] = z
+            event_dim = len(layout["event_shape"])
+            if name == density_site:
+                fn = _Carried(z, event_dim, layout["support"], log_density)
+            else:
+                fn = _Carried(z, event_dim, layout["support"])
+            with _plates(layout["frames"]):
+                values[name] = pyro.sample(name, fn)
+        return values
+
+    def _density_site(self):
+        for layout in self._latent_layout:
+            if self._local or _numel(layout["batch_shape"]) == 1:
+                return layout["name"]
+        return self._latent_layout[0]["name"]
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_posterior(self, *args, num_samples=1000, **kwargs):
+        """Draw ``num_samples`` posterior samples for the observations in ``args``, which may
+        hold many observations at once along extra leading dims.
+
+        :returns: ``{site: tensor}`` of shape ``(num_samples, *leading, *site_shape)``.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        prefix = self._prefix(self._read(args, kwargs))
+        dim = -self._nesting - 1 - len(prefix)
+        with pyro.plate("_num_posterior_samples", num_samples, dim=dim):
+            trace = poutine.trace(self).get_trace(*args, **kwargs)
+        return {
+            layout["name"]: trace.nodes[layout["name"]]["value"] for layout in self._latent_layout
+        }
+
+    def _build_posterior(self, context_dim):
+        raise NotImplementedError
+
+    def _posterior(self, context):
+        raise NotImplementedError
+
+
+class AutoAmortizedNormal(AutoAmortizedGuide):
+    """Amortized diagonal normal guide: ``u | x ~ Normal(loc(x), scale(x))`` over the joined
+    unconstrained latents, mapped to each site's support by
+    :func:`~torch.distributions.biject_to`.
+
+    Takes the arguments of :class:`AutoAmortizedGuide`, plus:
+
+    :param float init_scale: initial posterior scale (in standardized units).
+    """
+
+    def __init__(self, model, *, init_scale=1.0, **kwargs):
+        super().__init__(model, **kwargs)
+        self.init_scale = init_scale
+
+    def _build_posterior(self, context_dim):
+        self.head = nn.Linear(context_dim, 2 * self.latent_dim)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias[self.latent_dim :] = math.log(math.expm1(self.init_scale))
+
+    def _posterior(self, context):
+        loc, raw = self.head(context).chunk(2, -1)
+        mean, std = self.latent_standardize.mean, self.latent_standardize.std
+        scale = nn.functional.softplus(raw) + 1e-6
+        return dist.Normal(mean + std * loc, std * scale).to_event(1)
+
+
+class AutoAmortizedFlow(AutoAmortizedGuide):
+    """Amortized normalizing-flow guide: ``u | x`` is a standard normal pushed through
+    ``num_transforms`` conditional transforms of Pyro (conditioned on the embedding of
+    ``x``, with a permutation between layers), then through the latent standardization.
+
+    Takes the arguments of :class:`AutoAmortizedGuide`, plus:
+
+    :param str transform: ``"affine_autoregressive"`` (default; MAF),
+        ``"spline_autoregressive"`` (neural spline flow) or ``"affine_coupling"``
+        (RealNVP). With one latent dimension, conditional elementwise splines are used.
+    :param int num_transforms: number of flow layers.
+    :param hidden_dims: hidden widths of each layer's conditioner network.
+    :param str fast: ``"log_prob"`` (default) puts autoregressive layers in the direction
+        that evaluates the density in one pass (what :class:`~pyro_jc.ForwardKL` needs);
+        ``"sample"`` makes sampling one pass instead (better for reparameterized ELBO
+        training). Coupling layers are one pass both ways.
+    :param int count_bins: spline bins.
+    :param float bound: spline interval half-width (standardized units).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        transform="affine_autoregressive",
+        num_transforms=5,
+        flow_hidden_dims=(50, 50),
+        fast="log_prob",
+        count_bins=8,
+        bound=5.0,
+        **kwargs,
+    ):
+        if transform not in _FLOW_TRANSFORMS:
+            raise ValueError(f"transform must be one of {_FLOW_TRANSFORMS}, got {transform!r}.")
+        if fast not in ("log_prob", "sample"):
+            raise ValueError(f"fast must be 'log_prob' or 'sample', got {fast!r}.")
+        super().__init__(model, **kwargs)
+        self.transform = transform
+        self.num_transforms = num_transforms
+        self.flow_hidden_dims = list(flow_hidden_dims)
+        self.fast = fast
+        self.count_bins = count_bins
+        self.bound = bound
+
+    def _build_posterior(self, context_dim):
+        T = dist.transforms
+        d = self.latent_dim
+        layers = []
+        for i in range(self.num_transforms):
+            if d == 1:
+                layer = T.conditional_spline(
+                    1,
+                    context_dim,
+                    self.flow_hidden_dims,
+                    count_bins=self.count_bins,
+                    bound=self.bound,
+                )
+            elif self.transform == "affine_autoregressive":
+                layer = T.conditional_affine_autoregressive(d, context_dim, self.flow_hidden_dims)
+            elif self.transform == "spline_autoregressive":
+                layer = T.conditional_spline_autoregressive(
+                    d,
+                    context_dim,
+                    self.flow_hidden_dims,
+                    count_bins=self.count_bins,
+                    bound=self.bound,
+                )
+            else:
+                layer = T.conditional_affine_coupling(d, context_dim, self.flow_hidden_dims)
+            layers.append(layer)
+        self.layers = nn.ModuleList(layers)
+        # Fixed random permutations between layers mix the dimensions' roles.
+        generator = torch.Generator().manual_seed(0)
+        perms = [torch.randperm(d, generator=generator) for _ in range(self.num_transforms)]
+        self.register_buffer("permutations", torch.stack(perms) if d > 1 else torch.zeros(0))
+
+    def _posterior(self, context):
+        d = self.latent_dim
+        base = dist.Normal(context.new_zeros(d), context.new_ones(d))
+        base = base.expand(context.shape[:-1] + (d,)).to_event(1)
+        transforms = []
+        for i, layer in enumerate(self.layers):
+            t = layer.condition(context)
+            if self.fast == "log_prob" and d > 1 and self.transform != "affine_coupling":
+                t = t.inv
+            transforms.append(t)
+            if d > 1 and i < len(self.layers) - 1:
+                transforms.append(dist.transforms.Permute(self.permutations[i], cache_size=1))
+        mean, std = self.latent_standardize.mean, self.latent_standardize.std
+        transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
+        return dist.TransformedDistribution(base, transforms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Site distributions
+
+
+class _Auxiliary(dist.TorchDistribution):
+    """Draws the joined unconstrained vector from ``q(u | x)`` and reports zero density: the
+    density of the latents is carried by one model site, evaluated at the values the sites
+    actually take (so that replaying latents, as ForwardKL does, scores them correctly)."""
+
+    arg_constraints = {}
+    support = dist.constraints.real_vector
+
+    def __init__(self, base):
+        self.base = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def has_rsample(self):
+        return self.base.has_rsample
+
+    def expand(self, batch_shape, _instance=None):
+        return _Auxiliary(self.base.expand(batch_shape))
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base.rsample(sample_shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base.sample(sample_shape)
+
+    def log_prob(self, value):
+        return value.new_zeros(value.shape[: value.dim() - 1])
+
+
+class _Carried(dist.TorchDistribution):
+    """A latent site whose value was drawn through the auxiliary vector. Its density is zero
+    except on the one site that carries ``log_density()``, the joint ``log q(z | x)``."""
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, value, event_dim, support, log_density=None):
+        self.value = value
+        self._support = support
+        self.log_density = log_density
+        self._cached = None
+        batch_shape = value.shape[: value.dim() - event_dim]
+        super().__init__(batch_shape, value.shape[value.dim() - event_dim :], validate_args=False)
+
+    @dist.constraints.dependent_property
+    def support(self):
+        return self._support
+
+    def expand(self, batch_shape, _instance=None):
+        new = _Carried(
+            self.value.expand(torch.Size(batch_shape) + self.event_shape),
+            len(self.event_shape),
+            self._support,
+            self.log_density,
+        )
+        return new
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.value.expand(torch.Size(sample_shape) + self.value.shape)
+
+    def log_prob(self, value):
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        if self.log_density is None:
+            return value.new_zeros(batch)
+        if self._cached is None:
+            self._cached = self.log_density()
+        log_q = self._cached
+        shape = torch.broadcast_shapes(log_q.shape, batch)
+        # A global site in a plate carries the joint density once, spread over its elements.
+        return log_q.expand(shape) * (_numel(log_q.shape) / _numel(shape))
+
+
+class _plates:
+    """Enter the (non-data) plates of a global site, as in the model."""
+
+    def __init__(self, frames):
+        self.plates = [pyro.plate(f.name, f.size, dim=f.dim) for f in frames]
+
+    def __enter__(self):
+        for p in self.plates:
+            p.__enter__()
+
+    def __exit__(self, *exc):
+        for p in reversed(self.plates):
+            p.__exit__(*exc)

@@ -1,0 +1,72 @@
+"""Small networks shared by the guides: MLPs, a permutation-invariant set embedding and
+feature standardization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Fully connected network ``in_dim -> hidden_dims -> out_dim`` acting on the last dim.
+
+    :param int in_dim: input features.
+    :param hidden_dims: widths of the hidden layers.
+    :param int out_dim: output features.
+    :param activation: activation module class between layers.
+    """
+
+    def __init__(self, in_dim, hidden_dims, out_dim, activation=nn.ReLU):
+        layers = []
+        for width in hidden_dims:
+            layers += [nn.Linear(in_dim, width), activation()]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, out_dim))
+        super().__init__(*layers)
+        self.out_dim = out_dim
+
+
+class DeepSet(nn.Module):
+    """Permutation-invariant embedding of a set of ``n`` feature vectors:
+    ``rho(mean_i phi(x_i))`` over dim ``-2`` (Zaheer et al., 2017). Input ``(..., n, in_dim)``,
+    output ``(..., out_dim)``.
+    """
+
+    def __init__(self, in_dim, hidden_dims, out_dim, activation=nn.ReLU):
+        super().__init__()
+        width = hidden_dims[-1] if hidden_dims else out_dim
+        self.phi = MLP(in_dim, hidden_dims[:-1], width, activation)
+        self.rho = MLP(width, hidden_dims[-1:], out_dim, activation)
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return self.rho(torch.relu(self.phi(x)).mean(-2))
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` per feature (last dim), with statistics held in buffers so they
+    follow the module's device and are saved with its state. Identity until :meth:`fit`."""
+
+    def __init__(self, dim, min_std=1e-6):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.min_std = min_std
+
+    @torch.no_grad()
+    def fit(self, x):
+        """Set the statistics from samples ``x`` of shape ``(..., dim)`` (all leading dims are
+        samples). Constant features keep unit scale."""
+        x = x.reshape(-1, x.shape[-1]).to(self.mean)
+        finite = torch.isfinite(x).all(-1)
+        x = x[finite]
+        if x.shape[0] < 2:
+            return
+        std = x.std(0)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(torch.where(std > self.min_std, std, torch.ones_like(std)))
+        self.fitted.fill_(True)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
