@@ -292,19 +292,23 @@ class AutoAmortizedGuide(PyroModule):
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        pyro.module(self._pyro_name, self, update_module_params=False)
         if self._local:
             frame = self._frame
-            subsample_size = frame.size if frame.full_size not in (None, frame.size) else None
+            subsampled = frame.full_size not in (None, frame.size)
+            size = frame.full_size if subsampled else self._num_datapoints(args, kwargs)
             with pyro.plate(
                 frame.name,
-                frame.full_size or frame.size,
-                subsample_size=subsample_size,
+                size,
+                subsample_size=frame.size if subsampled else None,
                 dim=frame.dim,
             ) as index:
-                index = index if subsample_size is not None else None
+                index = index if subsampled else None
                 return self._sample_sites(self._context(args, kwargs, index))
         return self._sample_sites(self._context(args, kwargs))
+
+    def _num_datapoints(self, args, kwargs):
+        name, x = next(iter(self._read(args, kwargs).items()))
+        return x.shape[x.dim() + self._frame.dim - self._obs_layout[name][1]]
 
     def _sample_sites(self, context):
         q_u = self._posterior(context)
@@ -324,11 +328,12 @@ class AutoAmortizedGuide(PyroModule):
             v = u if ours else self._unconstrained_vector(values)
             pieces_v = pieces if ours else self._split(v)
             log_q = q_u.log_prob(v)
-            for layout, piece in zip(self._latent_layout, pieces_v):
-                log_q = log_q - self._log_jacobian(layout, piece, values[layout["name"]], aux_ndim)
+            for layout, piece in zip(self._latent_layout, pieces_v, strict=True):
+                z = values[layout["name"]]
+                log_q = log_q - self._log_jacobian(layout, piece, z, aux_ndim)
             return log_q
 
-        for layout, piece in zip(self._latent_layout, pieces):
+        for layout, piece in zip(self._latent_layout, pieces, strict=True):
             name = layout["name"]
             z = layout["transform"](piece)
             proposed[name] = z
@@ -352,12 +357,17 @@ class AutoAmortizedGuide(PyroModule):
     @torch.no_grad()
     def sample_posterior(self, *args, num_samples=1000, **kwargs):
         """Draw ``num_samples`` posterior samples for the observations in ``args``, which may
-        hold many observations at once along extra leading dims.
+        hold many observations at once along extra leading dims (the guide must have been
+        set up by a call with the model's own arguments, e.g. by training).
 
         :returns: ``{site: tensor}`` of shape ``(num_samples, *leading, *site_shape)``.
         """
         if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+            raise RuntimeError(
+                f"{type(self).__name__} is set up from its first call, which must take the "
+                "model's own arguments (one observation): train it, or call guide(*args) once, "
+                "before sampling for a batch of observations."
+            )
         prefix = self._prefix(self._read(args, kwargs))
         dim = -self._nesting - 1 - len(prefix)
         with pyro.plate("_num_posterior_samples", num_samples, dim=dim):
@@ -448,7 +458,7 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         T = dist.transforms
         d = self.latent_dim
         layers = []
-        for i in range(self.num_transforms):
+        for _ in range(self.num_transforms):
             if d == 1:
                 layer = T.conditional_spline(
                     1,
@@ -516,10 +526,10 @@ class _Auxiliary(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return _Auxiliary(self.base.expand(batch_shape))
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=()):
         return self.base.rsample(sample_shape)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         return self.base.sample(sample_shape)
 
     def log_prob(self, value):
@@ -554,7 +564,7 @@ class _Carried(dist.TorchDistribution):
         )
         return new
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=()):
         return self.value.expand(torch.Size(sample_shape) + self.value.shape)
 
     def log_prob(self, value):

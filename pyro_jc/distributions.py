@@ -92,7 +92,7 @@ class Implicit(TorchDistribution):
                 "parameters; give one per parameter or a single int."
             )
         tensors = _as_tensors(params)
-        for i, (p, d) in enumerate(zip(tensors, param_event_dims)):
+        for i, (p, d) in enumerate(zip(tensors, param_event_dims, strict=True)):
             if p.dim() < d:
                 raise ValueError(
                     f"Parameter {i} of the simulator has shape {tuple(p.shape)}, fewer dims "
@@ -109,7 +109,7 @@ class Implicit(TorchDistribution):
         #: Mask of the draws of the latest sample that were invalid (``on_invalid="drop"``).
         self.last_invalid = None
         batch_shape = torch.broadcast_shapes(
-            *(p.shape[: p.dim() - d] for p, d in zip(tensors, param_event_dims))
+            *(p.shape[: p.dim() - d] for p, d in zip(tensors, param_event_dims, strict=True))
         )
         super().__init__(batch_shape, torch.Size(event_shape), validate_args=validate_args)
 
@@ -125,7 +125,7 @@ class Implicit(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         params = [
             p.expand(batch_shape + p.shape[p.dim() - d :])
-            for p, d in zip(self.params, self.param_event_dims)
+            for p, d in zip(self.params, self.param_event_dims, strict=True)
         ]
         new = Implicit(
             self.simulator,
@@ -142,11 +142,11 @@ class Implicit(TorchDistribution):
         new._site_name = getattr(self, "_site_name", None)
         return new
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         with torch.no_grad():
             return self._simulate(sample_shape, detach=True)
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=()):
         if not self.reparameterized:
             raise NotImplementedError(
                 f"{self._where()} is not reparameterized: its simulator is treated as a black "
@@ -172,7 +172,7 @@ class Implicit(TorchDistribution):
         shape = torch.Size(sample_shape) + self.batch_shape
         n = shape.numel()
         flat = []
-        for p, d in zip(self.params, self.param_event_dims):
+        for p, d in zip(self.params, self.param_event_dims, strict=True):
             event = p.shape[p.dim() - d :]
             p = p.detach() if detach else p
             flat.append(p.expand(shape + event).reshape((n,) + event))

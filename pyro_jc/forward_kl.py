@@ -25,6 +25,7 @@ from .joints import (
     PARTICLE_PLATE,
     ObservationArguments,
     check_plate_shapes,
+    is_missing_density,
     latent_sites,
     model_joint_trace,
     observed_values,
@@ -221,8 +222,10 @@ class ForwardKL(ELBO):
         self._check_guide(guide_trace, latents)
         try:
             guide_trace.compute_log_prob()
-        except NotImplementedError as e:
+        except (NotImplementedError, ValueError) as e:
             site = next((s for s in sample_sites(guide_trace) if "log_prob" not in s), None)
+            if site is None or not is_missing_density(e):
+                raise
             raise ImplicitDensityError(
                 f"Guide site {site['name'] if site else '?'!r} cannot evaluate log_prob, and "
                 "ForwardKL maximizes log q(z | x). Use a guide with a density (normal, flow: "

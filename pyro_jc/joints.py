@@ -220,9 +220,9 @@ def compute_log_prob(trace, role):
     """``trace.compute_log_prob()``, naming the site whose density cannot be evaluated."""
     try:
         trace.compute_log_prob()
-    except NotImplementedError as e:
+    except (NotImplementedError, ValueError) as e:
         site = next((s for s in sample_sites(trace) if "log_prob" not in s), None)
-        if site is None:
+        if site is None or not is_missing_density(e):
             raise
         raise implicit_density_error(site, role) from e
 
@@ -231,14 +231,24 @@ def compute_score_parts(guide_trace):
     """``trace.compute_score_parts()``, naming the guide site without a density."""
     try:
         guide_trace.compute_score_parts()
-    except NotImplementedError as e:
+    except (NotImplementedError, ValueError) as e:
         site = next(
             (s for s in sample_sites(guide_trace) if "score_parts" not in s),
             None,
         )
-        if site is None:
+        if site is None or not is_missing_density(e):
             raise
         raise implicit_density_error(site, "guide") from e
+
+
+def is_missing_density(error):
+    """Whether ``error`` (or what it wraps: Pyro re-raises ``log_prob`` failures as
+    ``ValueError``) says a distribution has no density."""
+    while error is not None:
+        if isinstance(error, NotImplementedError):
+            return True
+        error = error.__cause__
+    return False
 
 
 def implicit_density_error(site, role):

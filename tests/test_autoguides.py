@@ -1,0 +1,191 @@
+"""Amortized autoguides: exact densities, support, layouts, training with both loss families."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from exact import LinearGaussian
+from pyro.infer import SVI, Predictive
+
+from pyro_jc import AutoAmortizedFlow, AutoAmortizedNormal, ForwardKL, JointContrastiveELBO
+
+GUIDES = {
+    "normal": AutoAmortizedNormal,
+    "maf": lambda m, **kw: AutoAmortizedFlow(m, num_transforms=2, **kw),
+    "nsf": lambda m, **kw: AutoAmortizedFlow(m, transform="spline_autoregressive", **kw),
+    "realnvp": lambda m, **kw: AutoAmortizedFlow(
+        m, transform="affine_coupling", fast="sample", **kw
+    ),
+}
+
+
+def bounded_model(x):
+    rate = pyro.sample("rate", dist.Uniform(0.0, 1.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    probs = pyro.sample("probs", dist.Dirichlet(torch.ones(3)))
+    with pyro.plate("data", x.shape[-2]):
+        loc = torch.cat([rate.unsqueeze(-1), scale.unsqueeze(-1), probs], -1)
+        pyro.sample("x", dist.Normal(loc.unsqueeze(-2), 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("kind", GUIDES)
+def test_replayed_density_equals_sampled_density(kind, device):
+    """log q at the guide's own draws (flow caches) equals log q at the same values replayed
+    (inverse transforms): the path ForwardKL takes."""
+    x = torch.randn(4, 5, device=device)
+    guide = GUIDES[kind](bounded_model)
+    with torch.no_grad():
+        with pyro.plate("sims", 3, dim=-2):
+            trace = poutine.trace(guide).get_trace(x.expand(3, 4, 5))
+        values = {k: trace.nodes[k]["value"] for k in ("rate", "scale", "probs")}
+        with pyro.plate("sims", 3, dim=-2):
+            replayed = poutine.trace(poutine.condition(guide, values)).get_trace(x.expand(3, 4, 5))
+        trace.compute_log_prob()
+        replayed.compute_log_prob()
+    own = sum(s["log_prob"].sum() for s in trace.nodes.values() if s["type"] == "sample")
+    again = sum(s["log_prob"].sum() for s in replayed.nodes.values() if s["type"] == "sample")
+    assert torch.isfinite(own) and own.item() == pytest.approx(again.item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", GUIDES)
+def test_bounded_latents_never_leave_the_support(kind):
+    guide = (
+        GUIDES[kind](bounded_model, init_scale=3.0)
+        if kind == "normal"
+        else GUIDES[kind](bounded_model)
+    )
+    x = 10 * torch.randn(7, 4, 5)
+    with pytest.raises(RuntimeError, match="first call"):
+        guide.sample_posterior(x)
+    guide(x[0])
+    samples = guide.sample_posterior(x, num_samples=500)
+    assert samples["rate"].shape == (500, 7, 1)  # sample, observation, data-plate dims
+    assert ((samples["rate"] > 0) & (samples["rate"] < 1)).all()
+    assert (samples["scale"] > 0).all()
+    assert torch.allclose(samples["probs"].sum(-1), torch.ones(()))
+    assert (samples["probs"] >= 0).all()
+
+
+def test_density_integrates_to_one_on_a_bounded_support():
+    def model(x):
+        r = pyro.sample("r", dist.Beta(2.0, 2.0))
+        pyro.sample("x", dist.Normal(r, 0.1), obs=x)
+
+    guide = AutoAmortizedFlow(model, transform="spline_autoregressive")
+    x = torch.tensor(0.3)
+    guide(x)  # setup
+    grid = torch.linspace(1e-4, 1 - 1e-4, 4001)
+    with torch.no_grad(), pyro.plate("grid", len(grid)):
+        trace = poutine.trace(poutine.condition(guide, {"r": grid})).get_trace(x)
+    trace.compute_log_prob()
+    log_q = sum(s["log_prob"] for s in trace.nodes.values() if s["type"] == "sample")
+    integral = torch.trapezoid(log_q.exp(), grid)
+    assert integral.item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_forward_kl_flow_recovers_correlated_posterior():
+    torch.manual_seed(0)
+    lg = LinearGaussian.random(d=2, m=2, sigma=0.3, dtype=torch.float32)
+    lg.A = torch.tensor([[1.0, 1.0], [0.0, 0.3]])  # strongly correlated posterior
+
+    def model(x):
+        z = pyro.sample("z", lg.prior(x))
+        pyro.sample("x", dist.Normal(z @ lg.A.T + lg.b, lg.sigma).to_event(1), obs=x)
+
+    x_obs = lg.sample(1, seed=2)[0]
+    guide = AutoAmortizedFlow(model, num_transforms=3)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 2e-3}), ForwardKL(num_particles=256))
+    for _ in range(1500):
+        svi.step(x_obs)
+    x_test = lg.sample(3, seed=5)
+    mean, cov = lg.posterior(x_test)
+    z = guide.sample_posterior(x_test, num_samples=4000)["z"]
+    assert z.shape == (4000, 3, 2)
+    sd = cov.diagonal().sqrt()
+    assert (((z.mean(0) - mean) / sd).abs() < 0.25).all()  # amortization error after training
+    for i in range(3):
+        emp = torch.cov(z[:, i].T)
+        assert torch.allclose(emp.diagonal().sqrt(), sd, rtol=0.15)
+        corr = emp[0, 1] / emp.diagonal().prod().sqrt()
+        assert corr.item() == pytest.approx((cov[0, 1] / sd.prod()).item(), abs=0.1)
+
+
+def test_set_embedding_for_iid_observations():
+    # z ~ N(0, 1), x_i ~ N(z, 1), n = 8: posterior N(sum x / 9, 1 / 9).
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x_obs = torch.zeros(8)
+    guide = AutoAmortizedNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 3e-3}), ForwardKL(num_particles=256))
+    for _ in range(1500):
+        svi.step(x_obs)
+    torch.manual_seed(1)
+    x_test = torch.randn(5, 8) * 1.5
+    z = guide.sample_posterior(x_test, num_samples=4000)["z"]
+    assert z.shape == (4000, 5, 1)
+    assert torch.allclose(z.mean(0).squeeze(-1), x_test.sum(-1) / 9, atol=0.1)
+    assert torch.allclose(z.std(0), torch.full((5, 1), 1 / 3), rtol=0.1)
+    # Permuting the set changes nothing.
+    perm = x_test[:, torch.randperm(8)]
+    assert torch.allclose(guide._context((x_test,), {}), guide._context((perm,), {}), atol=1e-5)
+
+
+def test_local_latents_with_joint_contrastive_elbo(device):
+    # z_i ~ N(0, 1), x_i ~ N(z_i, 0.5^2): posterior N(0.8 x_i, 0.2) per datapoint.
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), device=x.device), 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    torch.manual_seed(0)
+    x = torch.randn(200, device=device) * 1.2
+    guide = AutoAmortizedNormal(model)
+    loss = JointContrastiveELBO(num_particles=4, vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.996}), loss)
+    for _ in range(800):
+        svi.step(x)
+    z = guide.sample_posterior(x[:10], num_samples=4000)["z"]
+    assert z.device.type == device.type and z.shape == (4000, 10)
+    assert torch.allclose(z.mean(0), 0.8 * x[:10], atol=0.05)
+    assert torch.allclose(z.std(0), torch.full((10,), math.sqrt(0.2), device=device), rtol=0.06)
+
+
+def test_predictive_and_custom_embedding():
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    embedding = torch.nn.Sequential(torch.nn.Linear(1, 7), torch.nn.Tanh())
+    guide = AutoAmortizedFlow(model, embedding=embedding, num_transforms=1)
+    x = torch.zeros(1)
+    draws = Predictive(model, guide=guide, num_samples=11, return_sites=["z"])(x)
+    assert draws["z"].shape == (11, 2)
+    # The embedding is trained with the guide: its parameters are in the param store.
+    names = set(pyro.get_param_store().keys())
+    assert any("embedding" in n for n in names)
+
+
+def test_mixed_and_discrete_latents_are_refused():
+    def mixed(x):
+        g = pyro.sample("g", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(g, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(NotImplementedError, match="mixes global.*'g'.*local.*'z'"):
+        AutoAmortizedNormal(mixed)(torch.zeros(3))
+
+    def discrete(x):
+        z = pyro.sample("z", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(NotImplementedError, match="'z' is discrete"):
+        AutoAmortizedNormal(discrete)(torch.zeros(()))
+    with pytest.raises(ValueError, match="transform must be one of"):
+        AutoAmortizedFlow(discrete, transform="planar")

@@ -1,0 +1,381 @@
+"""ForwardKL: closed-form gradient, posterior recovery, banks, early stopping, errors."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from exact import LinearGaussian, mean_and_se
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyro.infer import SVI
+
+from pyro_jc import (
+    ForwardKL,
+    Implicit,
+    ImplicitDensityError,
+    MissingGuideSiteError,
+    ObservationArgumentError,
+    PlateShapeError,
+    simulate,
+)
+
+
+class LinearGuide(torch.nn.Module):
+    """q(z | x) = N(W x + c, diag(s)^2), with x the single observation (event dim m)."""
+
+    def __init__(self, d, m, dtype=torch.float64, device="cpu"):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        kw = {"dtype": dtype, "device": device}
+        self.W = torch.nn.Parameter(0.3 * torch.randn(d, m, generator=g, dtype=dtype).to(device))
+        self.c = torch.nn.Parameter(0.2 * torch.randn(d, generator=g, dtype=dtype).to(device))
+        self.log_s = torch.nn.Parameter(torch.full((d,), -0.3, **kw))
+
+    def forward(self, x):
+        pyro.module("guide", self)
+        loc = x @ self.W.T + self.c
+        pyro.sample("z", dist.Normal(loc, self.log_s.exp()).to_event(1))
+
+
+def single_model(lg):
+    def model(x):
+        z = pyro.sample("z", lg.prior(x))
+        pyro.sample("x", dist.Normal(z @ lg.A.T + lg.b, lg.sigma).to_event(1), obs=x)
+
+    return model
+
+
+def exact_forward_kl(lg, guide):
+    """-E_p[log q(z|x)] and its gradients for the linear guide, in closed form."""
+    W, c, log_s = guide.W, guide.c, guide.log_s
+    A, b, sigma = lg.A, lg.b, lg.sigma
+    eye = torch.eye(lg.d, dtype=A.dtype, device=A.device)
+    # r = z - W x - c = (I - W A) z - sigma W eps - (W b + c)
+    mean_r = -(W @ b + c)
+    second = (eye - W @ A) @ (eye - W @ A).T + sigma**2 * W @ W.T + torch.outer(mean_r, mean_r)
+    s2 = (2 * log_s).exp()
+    value = (second.diagonal() / (2 * s2) + log_s).sum() + lg.d / 2 * math.log(2 * math.pi)
+    return value, torch.autograd.grad(value, [W, c, log_s])
+
+
+def test_gradient_matches_closed_form(device):
+    lg = LinearGaussian.random(d=2, m=3, sigma=0.7, device=device)
+    guide = LinearGuide(2, 3, device=device)
+    model = single_model(lg)
+    x = lg.sample(1)[0]
+    exact_value, exact_grads = exact_forward_kl(lg, guide)
+    loss = ForwardKL(num_particles=2000, clip_norm=None)
+    values, grads = [], []
+    for _ in range(30):
+        value = loss.differentiable_loss(model, guide, x)
+        values.append(value.detach())
+        grads.append(
+            torch.cat([g.flatten() for g in torch.autograd.grad(value, list(guide.parameters()))])
+        )
+    mean, se = mean_and_se(values)
+    assert abs(mean - exact_value) < 4 * se + 1e-9
+    mean, se = mean_and_se(grads)
+    exact = torch.cat([g.flatten() for g in exact_grads])
+    assert ((mean - exact).abs() < 4 * se + 1e-9).all(), (mean, exact, se)
+
+
+def test_trained_guide_recovers_linear_gaussian_posterior(device):
+    lg = LinearGaussian.random(d=2, m=3, sigma=0.5, device=device)
+    guide = LinearGuide(2, 3, device=device)
+    model = single_model(lg)
+    x_obs = lg.sample(1, seed=3)[0]
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), ForwardKL(num_particles=256))
+    for _ in range(1500):
+        svi.step(x_obs)
+    # Forward KL with a diagonal guide matches the posterior marginals.
+    x_test = lg.sample(20, seed=4)
+    mean, cov = lg.posterior(x_test)
+    sd = cov.diagonal().sqrt()
+    with torch.no_grad():
+        loc = x_test @ guide.W.T + guide.c
+        assert ((loc - mean) / sd).pow(2).mean().sqrt() < 0.1
+        assert torch.allclose(guide.log_s.exp(), sd, rtol=0.05)
+
+
+def test_discrete_latent_needs_no_score_function():
+    # z ~ Bernoulli(0.3), x ~ N(2z - 1, 1): exact posterior logit = logit(0.3) + 2x.
+    def model(x):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(2 * z - 1, 1.0), obs=x)
+
+    w = torch.nn.Parameter(torch.tensor(0.0))
+    b = torch.nn.Parameter(torch.tensor(0.0))
+
+    def guide(x):
+        pyro.param("w", w)
+        pyro.param("b", b)
+        pyro.sample("z", dist.Bernoulli(logits=w * x + b))
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), ForwardKL(num_particles=512))
+    for _ in range(600):
+        svi.step(torch.tensor(0.0))
+    assert abs(w.item() - 2.0) < 0.15
+    assert abs(b.item() - math.log(0.3 / 0.7)) < 0.15
+
+
+def test_local_latents_with_an_implicit_likelihood():
+    # z_i ~ N(0, 1), x_i = z_i + 0.5 eps (sample-only): posterior N(0.8 x_i, 0.2).
+    def model(x):
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", Implicit(lambda m: m + 0.5 * torch.randn_like(m), z), obs=x)
+
+    a = torch.nn.Parameter(torch.tensor(0.0))
+    log_s = torch.nn.Parameter(torch.tensor(0.0))
+
+    def guide(x):
+        pyro.param("a", a)
+        pyro.param("log_s", log_s)
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(a * x, log_s.exp()))
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), ForwardKL(num_particles=64))
+    for _ in range(800):
+        svi.step(torch.zeros(10))
+    assert abs(a.item() - 0.8) < 0.03
+    assert abs(log_s.exp().item() - math.sqrt(0.2)) < 0.02
+
+
+def test_implicit_prior_is_never_scored():
+    def model(x):
+        z = pyro.sample("z", Implicit(lambda m: m + torch.randn_like(m), torch.tensor(0.0)))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.5 * x, math.sqrt(0.5)))
+
+    loss = ForwardKL(num_particles=20000)
+    # -E_p[log q] at the exact posterior is its entropy: 0.5 log(2 pi e 0.5).
+    assert loss.loss(model, guide, torch.tensor(0.0)) == pytest.approx(
+        0.5 * math.log(2 * math.pi * math.e * 0.5), abs=0.03
+    )
+
+
+def test_sequential_particles_agree_with_vectorized():
+    lg = LinearGaussian.random(d=2, m=3, device="cpu")
+    guide = LinearGuide(2, 3)
+    model = single_model(lg)
+    x = lg.sample(1)[0]
+    exact, _ = exact_forward_kl(lg, guide)
+    value = ForwardKL(num_particles=3000, vectorize_particles=False).loss(model, guide, x)
+    assert value == pytest.approx(exact.item(), abs=0.15)
+
+
+# -- banks ------------------------------------------------------------------------------------
+
+
+def counting_model(calls):
+    def simulator(z):
+        calls.append(z.shape[0])
+        return z + 0.5 * torch.randn_like(z)
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("x", Implicit(simulator, z), obs=x)
+
+    return model
+
+
+class MeanGuide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.0))
+        self.log_s = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        pyro.module("mean_guide", self)
+        pyro.sample("z", dist.Normal(self.a * x.sum(-1, keepdim=True), self.log_s.exp()))
+
+
+def test_bank_training_simulates_nothing_and_stops_early(tmp_path):
+    calls = []
+    model = counting_model(calls)
+    x = torch.zeros(5)
+    bank = simulate(model, x, num_simulations=2000, batch_size=700)
+    assert calls == [700 * 5, 700 * 5, 600 * 5]  # one batched call per run
+    assert bank["latents"]["z"].shape == (2000, 1) and bank["observations"]["x"].shape == (2000, 5)
+    torch.save(bank, tmp_path / "bank.pt")
+    bank = torch.load(tmp_path / "bank.pt", weights_only=True)
+
+    guide = MeanGuide()
+    loss = ForwardKL(num_particles=100, simulations=bank)
+    assert len(loss.bank.validation_index) == 200 and len(loss.bank.train_index) == 1800
+    assert not set(loss.bank.validation_index.tolist()) & set(loss.bank.train_index.tolist())
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
+    calls.clear()
+    history = loss.fit(svi, x, max_epochs=300, patience=5)
+    assert calls == []
+    assert history["epochs"] == history["best_epoch"] + 6 < 300
+    # The best guide is restored: its validation loss is the best one seen.
+    best = min(history["validation_loss"])
+    assert history["validation_loss"][history["best_epoch"]] == best
+    assert loss.validation_loss(model, guide, x) == pytest.approx(best, abs=1e-6)
+    # Posterior: precision 1 + 5 * 4 = 21, mean 4 sum(x) / 21.
+    assert guide.a.item() == pytest.approx(4 / 21, abs=0.03)
+    assert guide.log_s.exp().item() == pytest.approx(21**-0.5, rel=0.1)
+
+
+def test_simulate_one_pair_at_a_time_has_the_vectorized_layout():
+    model = counting_model([])
+    bank = simulate(model, torch.zeros(4), num_simulations=3, vectorize=False)
+    assert bank["latents"]["z"].shape == (3, 1) and bank["observations"]["x"].shape == (3, 4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    d=st.integers(1, 3),
+    local=st.booleans(),
+    nested=st.booleans(),
+    particles=st.integers(2, 5),
+)
+def test_bank_loss_property(n, d, local, nested, particles):
+    """For any plate layout, the loss on a bank equals -mean log q computed from the bank's
+    tensors directly (guide: standard normal on every latent)."""
+    pyro.clear_param_store()
+
+    def model(x):
+        g = pyro.sample("g", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+        with pyro.plate("data", n, dim=-2 if nested else -1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0)) if local else 0.0
+            inner = pyro.plate("inner", 2, dim=-1) if nested else pyro.plate("none", 1, dim=-3)
+            with inner:
+                pyro.sample("x", dist.Normal(g.sum(-1, keepdim=True) + z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("g", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+        if local:
+            with pyro.plate("data", n, dim=-2 if nested else -1):
+                pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    x = torch.zeros((n, 2) if nested else (1, n) if False else (n,))
+    if not nested:
+        x = torch.zeros(n)
+    bank = simulate(model, x, num_simulations=particles)
+    loss = ForwardKL(num_particles=particles, simulations=bank, validation_fraction=0.0)
+    expected = -sum(
+        dist.Normal(0.0, 1.0).log_prob(v).reshape(particles, -1).sum(-1)
+        for v in bank["latents"].values()
+    ).mean()
+    assert loss.loss(model, guide, x) == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
+
+
+# -- arguments and errors ---------------------------------------------------------------------
+
+
+def test_observation_argument_found_by_name_position_and_keyword():
+    def model(scale, x):
+        z = pyro.sample("z", dist.Normal(0.0, scale))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    seen = []
+
+    def guide(scale, x):
+        seen.append(x.shape)
+        pyro.sample("z", dist.Normal(0.5 * x, 1.0))
+
+    x = torch.tensor(1.0)
+    ForwardKL(num_particles=7).loss(model, guide, 1.0, x)
+    ForwardKL(num_particles=7, observations={"x": "x"}).loss(model, guide, 1.0, x)
+    ForwardKL(num_particles=7, observations={"x": 1}).loss(model, guide, 1.0, x)
+    ForwardKL(num_particles=7).loss(model, guide, 1.0, x=x)
+    assert seen == [torch.Size([7])] * 4
+
+
+def test_ambiguous_or_missing_observation_argument():
+    def model(x, y):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    x = torch.tensor(1.0)
+    with pytest.raises(ObservationArgumentError, match="several arguments.*observations="):
+        ForwardKL(num_particles=2).loss(model, guide, x, x)
+    data = torch.tensor(2.0)
+
+    def closure_model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    with pytest.raises(ObservationArgumentError, match="no argument.*'x'"):
+        ForwardKL(num_particles=2).loss(closure_model, lambda: None)
+    with pytest.raises(ObservationArgumentError, match="does not say.*'x'"):
+        ForwardKL(num_particles=2, observations={"y": 0}).loss(model, guide, x, x)
+
+
+def test_guide_errors_name_the_site():
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.tensor(0.0)
+
+    def missing(x):
+        pass
+
+    with pytest.raises(MissingGuideSiteError, match="'z'.*not in the guide"):
+        ForwardKL(num_particles=2).loss(model, missing, x)
+
+    def auxiliary(x):
+        u = pyro.sample("u", dist.Normal(0.0, 1.0))
+        pyro.sample("z", dist.Normal(u, 1.0))
+
+    with pytest.raises(MissingGuideSiteError, match="'u' is not a latent"):
+        ForwardKL(num_particles=2).loss(model, auxiliary, x)
+
+    def implicit(x):
+        pyro.sample("z", Implicit(lambda m: m, x))
+
+    with pytest.raises(ImplicitDensityError, match="'z'.*AdversarialGuide"):
+        ForwardKL(num_particles=2).loss(model, implicit, x)
+
+    def wrong_layout(x):
+        pyro.sample("z", dist.Normal(x.reshape(-1), 1.0))
+
+    def plate_model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 3):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(PlateShapeError, match="'z'.*keepdim=True"):
+        ForwardKL(num_particles=2).loss(
+            plate_model, lambda x: wrong_layout(x.sum(-1)), torch.zeros(3)
+        )
+
+
+def test_model_parameters_warn_and_observations_required():
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.5 * x, 1.0))
+
+    with pytest.warns(UserWarning, match="does not train model parameters \\(loc\\)"):
+        ForwardKL(num_particles=2).loss(model, guide, torch.tensor(0.0))
+
+    def unobserved():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="no observed site"):
+        ForwardKL(num_particles=2).loss(unobserved, unobserved)
+
+
+def test_fit_needs_a_bank():
+    with pytest.raises(ValueError, match="simulation bank"):
+        ForwardKL().fit(None)
+    with pytest.raises(ValueError, match="too small"):
+        ForwardKL(
+            simulations={"latents": {"z": torch.zeros(3)}, "observations": {"x": torch.zeros(3)}}
+        )
