@@ -9,6 +9,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMOKE_ARGS = {
     "vae_digits.py": ["--num-epochs", "2", "--quiet"],
     "benchmark_elbo.py": ["--rounds", "1", "--steps", "2"],
+    "sir_epidemic.py": ["--num-simulations", "300", "--max-epochs", "2", "--quiet"],
 }
 
 
@@ -43,3 +44,12 @@ def test_benchmark_elbo(capsys):
     medians = module.main(module.parse_args(SMOKE_ARGS["benchmark_elbo.py"]))
     assert set(medians) == {"Trace_ELBO", "JointContrastiveELBO", "PyTorch (hand-written)"}
     assert "/ Trace_ELBO" in capsys.readouterr().out
+
+
+def test_sir_epidemic(tmp_path):
+    pytest.importorskip("matplotlib")
+    module = load("sir_epidemic.py")
+    args = module.parse_args(SMOKE_ARGS["sir_epidemic.py"] + ["--out", str(tmp_path)])
+    results = module.main(args)
+    assert (tmp_path / "sir_epidemic.png").stat().st_size > 0
+    assert results["epochs"] == 2 and 0.0 <= results["coverage_90"] <= 1.0
