@@ -19,13 +19,13 @@ import torch
 from pyro.infer.elbo import ELBO
 
 from .distributions import INVALID_KEY, SimulatorSites
-from .errors import ImplicitDensityError, MissingGuideSiteError, NonFiniteError, PlateShapeError
+from .errors import MissingGuideSiteError, NonFiniteError, PlateShapeError
 from .joints import (
     AUXILIARY_KEY,
     PARTICLE_PLATE,
     ObservationArguments,
     check_plate_shapes,
-    is_missing_density,
+    compute_log_prob,
     latent_sites,
     model_joint_trace,
     observed_values,
@@ -220,18 +220,13 @@ class ForwardKL(ELBO):
         with SimulatorSites():
             guide_trace = poutine.trace(replayed).get_trace(*guide_args, **guide_kwargs)
         self._check_guide(guide_trace, latents)
-        try:
-            guide_trace.compute_log_prob()
-        except (NotImplementedError, ValueError) as e:
-            site = next((s for s in sample_sites(guide_trace) if "log_prob" not in s), None)
-            if site is None or not is_missing_density(e):
-                raise
-            raise ImplicitDensityError(
-                f"Guide site {site['name'] if site else '?'!r} cannot evaluate log_prob, and "
-                "ForwardKL maximizes log q(z | x). Use a guide with a density (normal, flow: "
-                "pyro_jc.AutoAmortizedFlow) or train an implicit guide with "
-                "pyro_jc.AdversarialGuide."
-            ) from e
+        compute_log_prob(
+            guide_trace,
+            "guide",
+            remedy="ForwardKL maximizes log q(z | x): use a guide with a density (normal, flow: "
+            "pyro_jc.AutoAmortizedFlow), or train an implicit guide with "
+            "pyro_jc.AdversarialGuide.",
+        )
         if pyro.infer.util.is_validation_enabled():
             nesting = self.max_plate_nesting + (1 if plate_size is not None else 0)
             check_plate_shapes(guide_trace, "guide", nesting)
@@ -316,7 +311,8 @@ class ForwardKL(ELBO):
         if getattr(guide, "is_standardized", True) or not hasattr(guide, "standardize"):
             return
         if getattr(guide, "prototype_trace", False) is None:
-            guide._setup_prototype(*args, **kwargs)
+            with poutine.block(hide_types=["sample"]):
+                guide(*args, **kwargs)  # sets the guide up from the model's own arguments
         if self.bank is not None:
             latents, sims = self.bank.training_split()
         elif invalid is not None:

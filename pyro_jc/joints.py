@@ -216,15 +216,17 @@ def check_guide_covers_model(model_trace, guide_trace):
         )
 
 
-def compute_log_prob(trace, role):
-    """``trace.compute_log_prob()``, naming the site whose density cannot be evaluated."""
+def compute_log_prob(trace, role, remedy=None):
+    """``trace.compute_log_prob()``, naming the site whose density cannot be evaluated.
+
+    :param str remedy: what the error suggests instead of the likelihood-free losses."""
     try:
         trace.compute_log_prob()
     except (NotImplementedError, ValueError) as e:
         site = next((s for s in sample_sites(trace) if "log_prob" not in s), None)
         if site is None or not is_missing_density(e):
             raise
-        raise implicit_density_error(site, role) from e
+        raise implicit_density_error(site, role, remedy) from e
 
 
 def compute_score_parts(guide_trace):
@@ -251,12 +253,12 @@ def is_missing_density(error):
     return False
 
 
-def implicit_density_error(site, role):
+def implicit_density_error(site, role, remedy=None):
     kind = "observed" if site["is_observed"] else "latent"
+    remedy = remedy or f"This loss needs log p(z, x) and log q(z | x). {_LIKELIHOOD_FREE_HINT}"
     return ImplicitDensityError(
         f"{role.capitalize()} site {site['name']!r} ({kind}, {type(site['fn']).__name__}) "
-        "cannot evaluate log_prob: its density is implicit (sample-only). This loss needs "
-        f"log p(z, x) and log q(z | x). {_LIKELIHOOD_FREE_HINT}"
+        f"cannot evaluate log_prob: its density is implicit (sample-only). {remedy}"
     )
 
 

@@ -290,6 +290,28 @@ def test_observation_argument_found_by_name_position_and_keyword():
     assert seen == [torch.Size([7])] * 4
 
 
+def test_observation_argument_built_by_a_callable():
+    # The data reaches the model inside a dict: a callable rebuilds the arguments.
+    def model(data):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=data["x"])
+
+    seen = []
+
+    def guide(data):
+        seen.append(data["x"].shape)
+        pyro.sample("z", dist.Normal(0.5 * data["x"], math.sqrt(0.5)))
+
+    def rebuild(values, data):
+        return ({**data, "x": values["x"]},), {}
+
+    loss = ForwardKL(num_particles=20000, observations=rebuild)
+    value = loss.loss(model, guide, {"x": torch.tensor(0.0)})
+    assert seen == [torch.Size([20000])]
+    # At the exact posterior, -E_p[log q] is its entropy.
+    assert value == pytest.approx(0.5 * math.log(2 * math.pi * math.e * 0.5), abs=0.03)
+
+
 def test_ambiguous_or_missing_observation_argument():
     def model(x, y):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
