@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	# A plain `pip install torch` would pull a multi-GB CUDA build: take the CPU wheel.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
+	# sbibm's own metadata pins sbi<0.22; its tasks and metrics work with sbi 0.27.
+	$(PY) -m pip install -q --no-deps sbibm==1.1.0
 	touch $@
 
 setup: $(VENV)/.installed
@@ -41,6 +43,8 @@ quick: setup
 
 benchmark: setup
 	$(PY) examples/benchmark_elbo.py
+	$(PY) examples/benchmark_forward_kl.py
+	$(PY) examples/benchmark_sbi.py
 
 clean:
 	rm -rf $(VENV) docs/_build outputs .pytest_cache .ruff_cache .hypothesis

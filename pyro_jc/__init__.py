@@ -3,6 +3,7 @@
 Every loss compares the model joint ``p(z, x)`` with the guide joint ``q(z | x) k(x)``.
 """
 
+from . import optim  # noqa: E402  (pyro_jc.optim.Adam)
 from .autoguides import AutoAmortizedFlow, AutoAmortizedNormal
 from .distributions import Implicit
 from .elbo import JointContrastiveELBO, JointContrastiveMeanFieldELBO
@@ -28,6 +29,7 @@ __all__ = [
     "ObservationArgumentError",
     "SimulatorError",
     "simulate",
+    "optim",
     "ImplicitDensityError",
     "JointContrastiveELBO",
     "JointContrastiveError",

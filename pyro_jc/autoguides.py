@@ -27,7 +27,6 @@ from torch import nn
 from torch.distributions import biject_to
 
 from .joints import (
-    AUXILIARY_KEY,
     ObservationArguments,
     data_frames,
     find_data_plate,
@@ -312,36 +311,50 @@ class AutoAmortizedGuide(PyroModule):
 
     def _sample_sites(self, context):
         q_u = self._posterior(context)
-        u = pyro.sample(
-            f"_{self._pyro_name}_latent",
-            _Auxiliary(q_u),
-            infer={"is_auxiliary": True, AUXILIARY_KEY: True},
-        )
-        pieces = self._split(u)
-        proposed, values = {}, {}
-        density_site = self._density_site()
-        aux_ndim = u.dim() - 1
+        left = context.shape[: context.dim() - 1 - self._nesting]
+        aux_batch = context.shape[context.dim() - 1 - self._nesting : -1]
+        draw, values = {}, {}
+
+        def propose(site_batch_shape):
+            # Drawn on the first latent site that is not replayed, so a guide whose latents
+            # are all replayed (ForwardKL) never pays for a sample it would discard. Plates
+            # outside the guide (e.g. sample_posterior's) enlarge the site's batch shape.
+            if not draw:
+                n = len(site_batch_shape) - self._nesting
+                shape = torch.broadcast_shapes(
+                    q_u.batch_shape, site_batch_shape[:n] + (1,) * self._nesting
+                )
+                q = q_u if shape == q_u.batch_shape else q_u.expand(shape)
+                draw["u"] = q.rsample()
+                draw["z"] = {
+                    layout["name"]: layout["transform"](piece)
+                    for layout, piece in zip(
+                        self._latent_layout, self._split(draw["u"]), strict=True
+                    )
+                }
+            return draw["z"]
 
         def log_density():
             # log q(z | x) at the values the sites actually took (replayed ones included).
-            ours = all(values[k] is proposed[k] for k in values)
-            v = u if ours else self._unconstrained_vector(values)
-            pieces_v = pieces if ours else self._split(v)
-            log_q = q_u.log_prob(v)
-            for layout, piece in zip(self._latent_layout, pieces_v, strict=True):
+            ours = draw and all(values[k] is draw["z"][k] for k in values)
+            u = draw["u"] if ours else self._unconstrained_vector(values)
+            log_q = q_u.log_prob(u)
+            for layout, piece in zip(self._latent_layout, self._split(u), strict=True):
                 z = values[layout["name"]]
-                log_q = log_q - self._log_jacobian(layout, piece, z, aux_ndim)
+                log_q = log_q - self._log_jacobian(layout, piece, z, u.dim() - 1)
             return log_q
 
-        for layout, piece in zip(self._latent_layout, pieces, strict=True):
+        density_site = self._density_site()
+        for layout in self._latent_layout:
             name = layout["name"]
-            z = layout["transform"](piece)
-            proposed[name] = z
-            event_dim = len(layout["event_shape"])
-            if name == density_site:
-                fn = _Carried(z, event_dim, layout["support"], log_density)
-            else:
-                fn = _Carried(z, event_dim, layout["support"])
+            batch = aux_batch if self._local else layout["batch_shape"]
+            fn = _Carried(
+                lambda batch_shape, name=name: propose(batch_shape)[name],
+                left + batch + layout["event_shape"],
+                len(layout["event_shape"]),
+                layout["support"],
+                log_density if name == density_site else None,
+            )
             with _plates(layout["frames"]):
                 values[name] = pyro.sample(name, fn)
         return values
@@ -491,12 +504,15 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         base = dist.Normal(context.new_zeros(d), context.new_ones(d))
         base = base.expand(context.shape[:-1] + (d,)).to_event(1)
         transforms = []
-        for i, layer in enumerate(self.layers):
+        # Read each submodule once: every PyroModule attribute read of an nn.Module
+        # registers all its parameters with pyro.param again.
+        layers = self.layers
+        for i, layer in enumerate(layers):
             t = layer.condition(context)
             if self.fast == "log_prob" and d > 1 and self.transform != "affine_coupling":
                 t = t.inv
             transforms.append(t)
-            if d > 1 and i < len(self.layers) - 1:
+            if d > 1 and i < len(layers) - 1:
                 transforms.append(dist.transforms.Permute(self.permutations[i], cache_size=1))
         mean, std = self.latent_standardize.mean, self.latent_standardize.std
         transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
@@ -507,65 +523,37 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
 # Site distributions
 
 
-class _Auxiliary(dist.TorchDistribution):
-    """Draws the joined unconstrained vector from ``q(u | x)`` and reports zero density: the
-    density of the latents is carried by one model site, evaluated at the values the sites
-    actually take (so that replaying latents, as ForwardKL does, scores them correctly)."""
-
-    arg_constraints = {}
-    support = dist.constraints.real_vector
-
-    def __init__(self, base):
-        self.base = base
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def has_rsample(self):
-        return self.base.has_rsample
-
-    def expand(self, batch_shape, _instance=None):
-        return _Auxiliary(self.base.expand(batch_shape))
-
-    def rsample(self, sample_shape=()):
-        return self.base.rsample(sample_shape)
-
-    def sample(self, sample_shape=()):
-        return self.base.sample(sample_shape)
-
-    def log_prob(self, value):
-        return value.new_zeros(value.shape[: value.dim() - 1])
-
-
 class _Carried(dist.TorchDistribution):
-    """A latent site whose value was drawn through the auxiliary vector. Its density is zero
-    except on the one site that carries ``log_density()``, the joint ``log q(z | x)``."""
+    """A latent site of the joined draw: its value comes from ``propose(batch_shape)`` (drawn
+    only when the site is not replayed), and its density is zero except on the one site that
+    carries ``log_density()``, the joint ``log q(z | x)`` at the values all sites took."""
 
     arg_constraints = {}
     has_rsample = True
 
-    def __init__(self, value, event_dim, support, log_density=None):
-        self.value = value
+    def __init__(self, propose, shape, event_dim, support, log_density=None):
+        self.propose = propose
         self._support = support
         self.log_density = log_density
         self._cached = None
-        batch_shape = value.shape[: value.dim() - event_dim]
-        super().__init__(batch_shape, value.shape[value.dim() - event_dim :], validate_args=False)
+        shape = torch.Size(shape)
+        super().__init__(
+            shape[: len(shape) - event_dim], shape[len(shape) - event_dim :], validate_args=False
+        )
 
     @dist.constraints.dependent_property
     def support(self):
         return self._support
 
     def expand(self, batch_shape, _instance=None):
-        new = _Carried(
-            self.value.expand(torch.Size(batch_shape) + self.event_shape),
-            len(self.event_shape),
-            self._support,
-            self.log_density,
-        )
-        return new
+        shape = torch.Size(batch_shape) + self.event_shape
+        return _Carried(self.propose, shape, len(self.event_shape), self._support, self.log_density)
 
     def rsample(self, sample_shape=()):
-        return self.value.expand(torch.Size(sample_shape) + self.value.shape)
+        batch_shape = torch.Size(sample_shape) + self.batch_shape
+        z = self.propose(batch_shape)
+        shape = batch_shape + self.event_shape
+        return z if z.shape == shape else z.expand(shape)
 
     def log_prob(self, value):
         batch = value.shape[: value.dim() - len(self.event_shape)]
@@ -574,7 +562,7 @@ class _Carried(dist.TorchDistribution):
         if self._cached is None:
             self._cached = self.log_density()
         log_q = self._cached
-        shape = torch.broadcast_shapes(log_q.shape, batch)
+        shape = torch.Size(torch.broadcast_shapes(log_q.shape, batch))
         # A global site in a plate carries the joint density once, spread over its elements.
         return log_q.expand(shape) * (_numel(log_q.shape) / _numel(shape))
 

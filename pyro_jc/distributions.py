@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 import torch
+from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.poutine.messenger import Messenger
 
@@ -178,22 +179,25 @@ class Implicit(TorchDistribution):
             flat.append(p.expand(shape + event).reshape((n,) + event))
         ref = self.params[0] if self.params else torch.zeros(())
         if self.vectorized:
-            out = self._to_tensor(self.simulator(*self._inputs(flat)), ref)
+            out = self._to_tensor(self._call(flat), ref)
             self._check_shape(out, (n,) + self.event_shape, "returned")
         else:
             draws = []
             for i in range(n):
-                draw = self._to_tensor(self.simulator(*self._inputs([p[i] for p in flat])), ref)
+                draw = self._to_tensor(self._call([p[i] for p in flat]), ref)
                 self._check_shape(draw, self.event_shape, f"returned for draw {i}")
                 draws.append(draw)
             out = torch.stack(draws) if draws else ref.new_zeros((0,) + self.event_shape)
         out = self._check_finite(out)
         return out.reshape(shape + self.event_shape)
 
-    def _inputs(self, tensors):
+    def _call(self, tensors):
         if self.numpy:
-            return [t.detach().cpu().numpy() for t in tensors]
-        return tensors
+            tensors = [t.detach().cpu().numpy() for t in tensors]
+        # A simulator written with pyro.sample statements (sbibm's are) is a black box here:
+        # its internal sites must not enter the enclosing model's trace.
+        with poutine.block():
+            return self.simulator(*tensors)
 
     def _to_tensor(self, out, ref):
         if isinstance(out, torch.Tensor):

@@ -21,7 +21,6 @@ from pyro.infer.elbo import ELBO
 from .distributions import INVALID_KEY, SimulatorSites
 from .errors import MissingGuideSiteError, NonFiniteError, PlateShapeError
 from .joints import (
-    AUXILIARY_KEY,
     PARTICLE_PLATE,
     ObservationArguments,
     check_plate_shapes,
@@ -259,8 +258,6 @@ class ForwardKL(ELBO):
                     f"pyro.sample({name!r}, ...) to the guide."
                 )
         for site in sample_sites(guide_trace):
-            if site["infer"].get(AUXILIARY_KEY):
-                continue
             if site["name"] not in latents and not site["is_observed"]:
                 raise MissingGuideSiteError(
                     f"Guide site {site['name']!r} is not a latent site of the model. ForwardKL "

@@ -31,10 +31,6 @@ from .errors import (
     PlateShapeError,
 )
 
-#: Key of ``site["infer"]`` marking a guide's auxiliary site of zero density whose draws the
-#: latent sites carry (the amortized autoguides); losses need not replay it.
-AUXILIARY_KEY = "pyro_jc_carrier"
-
 #: Name of the plate Pyro's :class:`~pyro.infer.elbo.ELBO` puts around vectorized particles.
 PARTICLE_PLATE = "num_particles_vectorized"
 

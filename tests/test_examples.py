@@ -10,6 +10,21 @@ SMOKE_ARGS = {
     "vae_digits.py": ["--num-epochs", "2", "--quiet"],
     "benchmark_elbo.py": ["--rounds", "1", "--steps", "2"],
     "sir_epidemic.py": ["--num-simulations", "300", "--max-epochs", "2", "--quiet"],
+    "benchmark_forward_kl.py": ["--csis-seconds", "0.5", "--rounds", "1", "--steps", "2"],
+    "benchmark_sbi.py": [
+        "--tasks",
+        "gaussian_linear",
+        "--budgets",
+        "300",
+        "--observations",
+        "1",
+        "--fresh-seconds",
+        "1",
+        "--c2st-samples",
+        "200",
+        "--flow",
+        "maf",
+    ],
 }
 
 
@@ -53,3 +68,24 @@ def test_sir_epidemic(tmp_path):
     results = module.main(args)
     assert (tmp_path / "sir_epidemic.png").stat().st_size > 0
     assert results["epochs"] == 2 and 0.0 <= results["coverage_90"] <= 1.0
+
+
+def test_benchmark_forward_kl(capsys):
+    module = load("benchmark_forward_kl.py")
+    results = module.main(module.parse_args(SMOKE_ARGS["benchmark_forward_kl.py"]))
+    assert results["csis"]["target_kl"] > 0 and results["step"]["ratio"] > 0
+    out = capsys.readouterr().out
+    assert "CSIS vs ForwardKL" in out and "ratio ForwardKL / PyTorch" in out
+
+
+def test_benchmark_sbi(tmp_path, capsys):
+    pytest.importorskip("sbi")
+    pytest.importorskip("sbibm")
+    module = load("benchmark_sbi.py")
+    args = module.parse_args(SMOKE_ARGS["benchmark_sbi.py"] + ["--out", str(tmp_path)])
+    bank, fresh = module.main(args)
+    for side in ("pyro_jc", "sbi"):
+        assert 0.0 <= bank[0][side]["c2st"][0] <= 1.0
+    assert fresh[0]["pyro_jc"]["simulations"] > 0
+    assert (tmp_path / "results.json").exists()
+    assert "Fresh-simulation mode" in capsys.readouterr().out

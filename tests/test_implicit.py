@@ -174,3 +174,14 @@ def test_predictive_samples_an_implicit_model():
     assert samples["obs"].shape == (6, 3)
     trace = poutine.trace(model).get_trace(torch.zeros(3))
     assert torch.equal(trace.nodes["obs"]["value"], torch.zeros(3))
+
+
+def test_a_simulator_written_with_pyro_statements_stays_a_black_box():
+    # sbibm's simulators call pyro.sample internally: those sites must not enter the model.
+    def simulator(z):
+        noise = pyro.sample("noise", dist.Normal(torch.zeros_like(z), 1.0).to_event(1))
+        return z + noise
+
+    model = implicit_model(simulator)
+    trace = poutine.trace(poutine.uncondition(model)).get_trace(torch.zeros(3))
+    assert "noise" not in trace.nodes and trace.nodes["obs"]["value"].shape == (3,)
