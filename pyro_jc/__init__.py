@@ -4,6 +4,7 @@ Every loss compares the model joint ``p(z, x)`` with the guide joint ``q(z | x) 
 """
 
 from . import optim  # noqa: E402  (pyro_jc.optim.Adam)
+from .adversarial import AdversarialGuide
 from .autoguides import AutoAmortizedFlow, AutoAmortizedNormal
 from .distributions import Implicit
 from .elbo import JointContrastiveELBO, JointContrastiveMeanFieldELBO
@@ -22,6 +23,7 @@ from .iwelbo import JointContrastiveIWELBO
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdversarialGuide",
     "AutoAmortizedFlow",
     "AutoAmortizedNormal",
     "ForwardKL",

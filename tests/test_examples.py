@@ -10,6 +10,15 @@ SMOKE_ARGS = {
     "vae_digits.py": ["--num-epochs", "2", "--quiet"],
     "benchmark_elbo.py": ["--rounds", "1", "--steps", "2"],
     "sir_epidemic.py": ["--num-simulations", "300", "--max-epochs", "2", "--quiet"],
+    "explaining_away.py": [
+        "--num-data",
+        "200",
+        "--batch-size",
+        "64",
+        "--num-steps",
+        "3",
+        "--quiet",
+    ],
     "benchmark_forward_kl.py": ["--csis-seconds", "0.5", "--rounds", "1", "--steps", "2"],
     "benchmark_sbi.py": [
         "--tasks",
@@ -89,3 +98,12 @@ def test_benchmark_sbi(tmp_path, capsys):
     assert fresh[0]["pyro_jc"]["simulations"] > 0
     assert (tmp_path / "results.json").exists()
     assert "Fresh-simulation mode" in capsys.readouterr().out
+
+
+def test_explaining_away(tmp_path):
+    pytest.importorskip("matplotlib")
+    module = load("explaining_away.py")
+    args = module.parse_args(SMOKE_ARGS["explaining_away.py"] + ["--out", str(tmp_path)])
+    results = module.main(args)
+    assert (tmp_path / "explaining_away.png").stat().st_size > 0
+    assert results["x"] == [-2.0, 0.0, 2.0] and "kl" in results["diagnostics"]

@@ -1,0 +1,486 @@
+"""Adversarial density-ratio guide: inference when prior, likelihood and guide are implicit.
+
+A discriminator ``T(z, x)`` (a logit) is trained by logistic regression to tell pairs of the
+guide joint (data ``x``, ``z ~ q(z | x)``) from pairs of the model joint (``(z, x) ~ p``);
+its Bayes-optimal value is the log density ratio ``log q(z|x) k(x) - log p(z, x)``, whose
+expectation under the guide joint is the joint-contrastive KL (``THEORY.md`` section 3). The
+guide then minimizes ``E_qk[T]`` through its reparameterized samples with ``T`` held fixed.
+
+Pairs are per datapoint: every latent and observed site sits in the model's data plate, and
+``(z_i, x_i)`` is one pair (the amortized setting, ``k`` the empirical data distribution).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .errors import MissingGuideSiteError
+from .joints import (
+    ObservationArguments,
+    data_frames,
+    find_data_plate,
+    in_plate,
+    is_missing_density,
+    latent_sites,
+    model_joint_trace,
+    num_datapoints,
+    observed_sites,
+    observed_values,
+    sample_sites,
+    sum_to_datapoints,
+    values_trace,
+)
+from .nn import MLP, Standardize
+
+_DIVERGENCES = ("kl", "js")
+
+
+class AdversarialGuide:
+    r"""Wrap a guide (explicit or implicit) with a discriminator that estimates the log ratio
+    of the guide joint to the model joint, so that neither the model's prior and likelihood
+    nor the guide needs a density.
+
+    Use it as the guide of :class:`~pyro.infer.SVI` with
+    :class:`~pyro_jc.JointContrastiveELBO`, which hands each step to this object::
+
+        guide = AdversarialGuide(encoder)      # encoder: z_i = net(x_i, noise), no density
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), JointContrastiveELBO())
+
+    Each SVI step runs ``discriminator_steps`` logistic-regression steps of the discriminator
+    (label 1: data ``x`` with ``z ~ q(z | x)``; label 0: fresh simulations from the model),
+    ``warmup_steps`` more before the first guide step, then returns the guide loss
+    ``N * mean_i T(z_i, x_i)`` (``"kl"``) or ``N * mean_i softplus(T)`` (``"js"``, the
+    non-saturating ALI/BiGAN form), differentiated through the guide's reparameterized draws
+    with the discriminator's parameters held fixed. ``N`` is the data plate's full size, as
+    for the ELBO.
+
+    With ``"kl"`` the fixed point is the KL projection of the posterior on the guide family
+    (for a mean-field Gaussian guide: the reverse-KL mean-field optimum); with ``"js"`` it is
+    the Jensen-Shannon projection, which differs for restricted families.
+
+    **Residual ratio.** With ``residual=True`` the discriminator's logit is
+    ``T = r_known + r_gauss + net(z, x)``, where ``r_known`` adds the log densities that
+    exist (``log q(z|x)`` of an explicit guide, ``-log p(z)`` of an explicit prior,
+    ``-log p(x|z)`` of an explicit likelihood) and ``r_gauss`` is the log ratio of Gaussians
+    moment-matched to the two sets of pairs for the remaining terms (always ``log k(x)``; the
+    implicit ones of the three above). The network, zero at initialization, learns only the
+    remainder: a plain network underestimates large KLs badly.
+
+    The discriminator and its optimizer are not Pyro parameters (SVI does not capture them,
+    and the guide's backward pass gives them no gradient); :meth:`state_dict` and
+    :meth:`load_state_dict` save and restore them.
+
+    :param guide: a Pyro guide (function or ``PyroModule``) whose latent sites are in the
+        model's data plate and reparameterized.
+    :param nn.Module discriminator: network from ``(..., features)`` standardized pair
+        features (latents, then observations, flattened per datapoint) to a logit
+        ``(..., 1)``. Default: an MLP with ``hidden_dims`` and LeakyReLU, zero-initialized
+        output, sized from the sites.
+    :param str divergence: ``"kl"`` (default) or ``"js"``.
+    :param int discriminator_steps: discriminator steps per SVI step.
+    :param int warmup_steps: extra discriminator steps before the first guide step.
+    :param float learning_rate: Adam learning rate of the discriminator.
+    :param bool residual: add the known and Gaussian log ratios to the network's output.
+    :param hidden_dims: hidden widths of the default discriminator.
+    :param observations: how the simulated observations reach the guide (see
+        :class:`~pyro_jc.joints.ObservationArguments`); needed for ``r_known`` of an
+        explicit guide at model pairs. Found automatically by default.
+
+    **References**
+
+    * Donahue, Kraehenbuehl, Darrell (2017), *Adversarial feature learning* (BiGAN).
+    * Dumoulin et al. (2017), *Adversarially learned inference* (ALI).
+    * Mescheder, Nowozin, Geiger (2017), *Adversarial variational Bayes*.
+    * Huszar (2017), *Variational inference using implicit distributions*.
+    """
+
+    def __init__(
+        self,
+        guide,
+        *,
+        discriminator=None,
+        divergence="kl",
+        discriminator_steps=1,
+        warmup_steps=200,
+        learning_rate=1e-3,
+        residual=True,
+        hidden_dims=(128, 128, 128),
+        observations=None,
+    ):
+        if divergence not in _DIVERGENCES:
+            raise ValueError(f"divergence must be one of {_DIVERGENCES}, got {divergence!r}.")
+        if discriminator_steps < 1 or warmup_steps < 0:
+            raise ValueError("discriminator_steps must be >= 1 and warmup_steps >= 0.")
+        self.guide = guide
+        self.divergence = divergence
+        self.discriminator_steps = discriminator_steps
+        self.warmup_steps = warmup_steps
+        self.learning_rate = learning_rate
+        self.residual = residual
+        self.hidden_dims = tuple(hidden_dims)
+        self._discriminator_arg = discriminator
+        self._observations = observations
+        self.discriminator = None
+        self.optimizer = None
+        self._layout = None
+        self.num_guide_steps = 0
+        #: Per-step diagnostics: discriminator ``accuracy``, ``kl`` (plug-in E_qk[T] per
+        #: datapoint), ``exp_t_model`` (E_p[exp T], near 1 when the ratio is right), and
+        #: ``held_out_gap`` (E_qk[T] on the pairs it was trained on minus on fresh pairs).
+        self.diagnostics = {}
+
+    def __call__(self, *args, **kwargs):
+        return self.guide(*args, **kwargs)
+
+    # -- public interface (called by JointContrastiveELBO) ------------------------------------
+
+    def loss(self, model, *args, **kwargs):
+        """Train the discriminator, then estimate the divergence (no guide gradient)."""
+        with torch.no_grad():
+            return self._step(model, args, kwargs).item()
+
+    def differentiable_loss(self, model, *args, **kwargs):
+        """Train the discriminator, then return the guide's differentiable loss."""
+        return self._step(model, args, kwargs)
+
+    def loss_and_grads(self, model, *args, **kwargs):
+        """Train the discriminator, then back-propagate the guide loss into the guide's (and
+        the model's explicit) parameters."""
+        loss = self._step(model, args, kwargs)
+        loss.backward()
+        return loss.item()
+
+    def state_dict(self):
+        """The discriminator's and its optimizer's state (plus the step count)."""
+        net, opt = self.discriminator, self.optimizer
+        state = {
+            "discriminator": None if net is None else net.state_dict(),
+            "optimizer": None if opt is None else opt.state_dict(),
+            "num_guide_steps": self.num_guide_steps,
+        }
+        # A copy: torch's state dicts share the tensors that later steps update in place.
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`; the discriminator is built on the next step (from the
+        model's sites) if it does not exist yet, then loaded."""
+        self._pending_state = state
+        self.num_guide_steps = state["num_guide_steps"]
+        if self.discriminator is not None:
+            self._load_pending()
+
+    # -- one SVI step ---------------------------------------------------------------------
+
+    def _step(self, model, args, kwargs):
+        if self._layout is None:
+            self._setup(model, args, kwargs)
+        warmup = self.warmup_steps if self.num_guide_steps == 0 else 0
+        for _ in range(warmup + self.discriminator_steps):
+            trained_on = self._discriminator_step(model, args, kwargs)
+        guide_pairs = self._guide_pairs(model, args, kwargs)
+        logit = self._logit(guide_pairs, frozen=True)
+        with torch.no_grad():
+            (trained_mean, trained_var), n = trained_on, logit.numel()
+            self.diagnostics["kl"] = logit.mean().item()
+            self.diagnostics["held_out_gap"] = trained_mean - logit.mean().item()
+            self.diagnostics["held_out_gap_se"] = ((trained_var + logit.var().item()) / n) ** 0.5
+        self._warn_if_unhealthy()
+        self.num_guide_steps += 1
+        per_pair = logit if self.divergence == "kl" else nn.functional.softplus(logit)
+        return self._num_datapoints * per_pair.mean()
+
+    @torch.enable_grad()
+    def _discriminator_step(self, model, args, kwargs):
+        with torch.no_grad():
+            guide_pairs = self._guide_pairs(model, args, kwargs)
+            model_pairs = self._model_pairs(model, args, kwargs)
+            self._update_moments(guide_pairs, model_pairs)
+        t_q = self._logit(guide_pairs)
+        t_p = self._logit(model_pairs)
+        loss = nn.functional.softplus(-t_q).mean() + nn.functional.softplus(t_p).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.diagnostics["accuracy"] = 0.5 * (
+                (t_q > 0).float().mean().item() + (t_p < 0).float().mean().item()
+            )
+            self.diagnostics["exp_t_model"] = t_p.clamp(max=50).exp().mean().item()
+            self.diagnostics["num_pairs"] = t_p.numel()
+            self.diagnostics["discriminator_loss"] = loss.item()
+        return t_q.detach().mean().item(), t_q.detach().var().item()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _setup(self, model, args, kwargs):
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        frame = find_data_plate(trace)
+        latents = latent_sites(trace)
+        observed = observed_sites(trace)
+        if frame is None:
+            raise ValueError(
+                "AdversarialGuide contrasts per-datapoint pairs (z_i, x_i), so the model needs "
+                "a data plate (pyro.plate around its observed sites)."
+            )
+        for site in latents + observed:
+            if not in_plate(site, frame):
+                raise NotImplementedError(
+                    f"Site {site['name']!r} is outside the data plate {frame.name!r}. "
+                    "AdversarialGuide needs every latent and observed site in the data plate "
+                    "(one pair (z_i, x_i) per datapoint); global latents are not supported."
+                )
+            others = [f.name for f in data_frames(site) if f != frame]
+            if others:
+                raise NotImplementedError(
+                    f"Site {site['name']!r} is in plates {others} besides the data plate "
+                    f"{frame.name!r}; give it an event shape (.to_event) instead."
+                )
+        self._frame = frame
+        self._num_datapoints = num_datapoints(frame)
+        self._latents = [s["name"] for s in latents]
+        self._observed = [s["name"] for s in observed]
+        self._arguments = ObservationArguments(model, self._observations)
+        self._arguments.locate(observed_values(trace), args, kwargs)  # fails early if ambiguous
+        self._layout = True
+        with torch.no_grad():
+            features = self._guide_pairs(model, args, kwargs, explicit=False)["features"]
+            model_pairs = self._model_pairs(model, args, kwargs, explicit=False)
+        self._z_dim = model_pairs["z_dim"]
+        device, dtype = features.device, features.dtype
+        self.standardize = Standardize(features.shape[-1]).to(device=device, dtype=dtype)
+        self.standardize.fit(model_pairs["features"])
+        self.discriminator = self._build_discriminator(features.shape[-1]).to(
+            device=device, dtype=dtype
+        )
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate)
+        self._moments = None
+        if getattr(self, "_pending_state", None) is not None:
+            self._load_pending()
+
+    def _build_discriminator(self, in_dim):
+        if self._discriminator_arg is not None:
+            return self._discriminator_arg
+        net = MLP(in_dim, self.hidden_dims, 1, activation=nn.LeakyReLU)
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
+        return net
+
+    def _load_pending(self):
+        state = self._pending_state
+        if state["discriminator"] is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._pending_state = None
+
+    # -- pairs ----------------------------------------------------------------------------
+
+    def _guide_pairs(self, model, args, kwargs, explicit=True):
+        """``x`` = data, ``z ~ q(z | x)``; with the known log densities of the pair."""
+        guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        self._check_guide(guide_trace)
+        values = {n: guide_trace.nodes[n]["value"] for n in self._latents}
+        values.update({n: model_trace.nodes[n]["value"] for n in self._observed})
+        pairs = self._features(values, model_trace)
+        if explicit and self.residual:
+            pairs["log_q"] = self._log_density(guide_trace, self._latents)
+            pairs["log_prior"] = self._log_density(model_trace, self._latents)
+            pairs["log_lik"] = self._log_density(model_trace, self._observed)
+        return pairs
+
+    def _model_pairs(self, model, args, kwargs, explicit=True):
+        """``(z, x) ~ p``, fresh simulations of a data set of the data's size."""
+        trace = model_joint_trace(model, args, kwargs)
+        values = {n: trace.nodes[n]["value"] for n in self._latents + self._observed}
+        pairs = self._features(values, trace)
+        if explicit and self.residual:
+            pairs["log_prior"] = self._log_density(trace, self._latents)
+            pairs["log_lik"] = self._log_density(trace, self._observed)
+            pairs["log_q"] = self._guide_density_at(model_trace=trace, args=args, kwargs=kwargs)
+        return pairs
+
+    def _guide_density_at(self, model_trace, args, kwargs):
+        """``log q(z | x)`` at model pairs: the simulated ``x`` passed to the guide, the
+        simulated ``z`` replayed (``None`` for an implicit guide)."""
+        sims = {n: model_trace.nodes[n]["value"] for n in self._observed}
+        real = observed_values(model_trace)  # this call's data, kept by uncondition
+        sim_args, sim_kwargs = self._arguments.substitute(real, sims, args, kwargs)
+        latents = values_trace({n: model_trace.nodes[n]["value"] for n in self._latents})
+        guide_trace = poutine.trace(poutine.replay(self.guide, trace=latents)).get_trace(
+            *sim_args, **sim_kwargs
+        )
+        return self._log_density(guide_trace, self._latents)
+
+    def _features(self, values, trace):
+        z = [self._per_datapoint(values[n], trace.nodes[n]) for n in self._latents]
+        x = [self._per_datapoint(values[n], trace.nodes[n]) for n in self._observed]
+        return {"features": torch.cat(z + x, -1), "z_dim": sum(t.shape[-1] for t in z)}
+
+    def _per_datapoint(self, value, site):
+        event_dim = len(site["fn"].event_shape)
+        dim = value.dim() - event_dim + self._frame.dim
+        if dim < 0:  # broadcast along the data plate
+            value = value.reshape((1,) * -dim + value.shape)
+            dim = 0
+        value = value.movedim(dim, 0)
+        if not value.is_floating_point():  # counts, categories
+            value = value.to(torch.get_default_dtype())
+        n = max(value.shape[0], self._frame.size)
+        return value.expand((n,) + value.shape[1:]).reshape(n, -1)
+
+    def _log_density(self, trace, names):
+        """Per-datapoint sum of the sites' log densities, or ``None`` if one is implicit."""
+        total = 0.0
+        for name in names:
+            site = trace.nodes[name]
+            try:
+                log_p = site["fn"].log_prob(site["value"])
+            except (NotImplementedError, ValueError) as e:
+                if not is_missing_density(e):
+                    raise
+                return None
+            total = total + sum_to_datapoints(log_p, site, self._frame)
+        return total
+
+    def _check_guide(self, guide_trace):
+        names = {s["name"] for s in sample_sites(guide_trace)}
+        missing = [n for n in self._latents if n not in names]
+        if missing:
+            raise MissingGuideSiteError(
+                f"Latent sites {missing} are sampled in the model but not in the guide: the "
+                "adversarial guide needs z for every latent. Add them to the guide."
+            )
+        for name in self._latents:
+            site = guide_trace.nodes[name]
+            if not site["fn"].has_rsample:
+                raise ValueError(
+                    f"Guide site {name!r} is not reparameterized ({type(site['fn']).__name__}), "
+                    "so the guide loss E_qk[T] has no pathwise gradient. Use a reparameterized "
+                    "distribution, or an Implicit(..., reparameterized=True) noise-fed network."
+                )
+
+    # -- the logit ------------------------------------------------------------------------
+
+    def _update_moments(self, guide_pairs, model_pairs, momentum=0.95):
+        """Running moments of both sets of standardized pairs, for the Gaussian ratio."""
+        if not self.residual:
+            return
+        new = {
+            "q": _moments(self.standardize(guide_pairs["features"])),
+            "p": _moments(self.standardize(model_pairs["features"])),
+        }
+        if self._moments is None:
+            self._moments = new
+            return
+        for side, (mean, cov) in new.items():
+            old_mean, old_cov = self._moments[side]
+            self._moments[side] = (
+                momentum * old_mean + (1 - momentum) * mean,
+                momentum * old_cov + (1 - momentum) * cov,
+            )
+
+    def _logit(self, pairs, frozen=False):
+        f = self.standardize(pairs["features"])
+        if frozen:  # the guide step: no gradient into the discriminator
+            params = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            net = functional_call(self.discriminator, params, (f,))
+        else:
+            net = self.discriminator(f)
+        logit = net.squeeze(-1)
+        if self.residual:
+            logit = logit + self._residual(pairs, f)
+        return logit
+
+    def _residual(self, pairs, f):
+        """Known log densities plus moment-matched Gaussian log densities for the unknown
+        ones, all in the units of the data."""
+        gauss = _GaussianTerms(self._moments, f, self._z_dim, self.standardize.std.log())
+        r = gauss.log_q_x()  # log k(x): never known
+        log_q, log_prior, log_lik = pairs.get("log_q"), pairs.get("log_prior"), pairs.get("log_lik")
+        r = r + (log_q if log_q is not None else gauss.log_q_z_given_x())
+        r = r - (log_prior if log_prior is not None else gauss.log_p_z())
+        r = r - (log_lik if log_lik is not None else gauss.log_p_x_given_z())
+        return r
+
+    def _warn_if_unhealthy(self):
+        # Every 100 steps: the two self-consistency checks of a ratio estimate. (A high
+        # accuracy alone is no fault: it is what a large KL looks like.)
+        d = self.diagnostics
+        if self.num_guide_steps % 100 != 99:
+            return
+        exp_t = d.get("exp_t_model", 1.0)
+        # From n model pairs E_p[exp T] is only estimable while the KL is below about log n.
+        estimable = d.get("kl", 0.0) < math.log(d.get("num_pairs", 1))
+        if estimable and not 0.5 < exp_t < 2.0:
+            warnings.warn(
+                f"AdversarialGuide: E_p[exp T] = {exp_t:.3g}, far from 1: the estimated ratio "
+                "is off. Use the residual ratio (residual=True), more discriminator_steps or "
+                "warmup_steps, or a lower learning rate for the guide.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        gap = d.get("held_out_gap", 0.0)
+        if gap > 4 * d.get("held_out_gap_se", 0.0) + 0.01:  # beyond Monte-Carlo error
+            warnings.warn(
+                f"AdversarialGuide: E_qk[T] is {gap:+.3g} higher on the pairs the "
+                "discriminator was trained on than on fresh ones: it is overfitting (few "
+                "datapoints?). Use more data per step or a smaller discriminator.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _moments(f):
+    mean = f.mean(0)
+    centered = f - mean
+    cov = centered.T @ centered / max(f.shape[0] - 1, 1)
+    return mean, cov
+
+
+class _GaussianTerms:
+    """Log densities of Gaussians moment-matched to the guide pairs (``q``) and the model
+    pairs (``p``) over standardized features ``[z, x]`` (``z`` the first ``k``), in the
+    units of the unstandardized features."""
+
+    def __init__(self, moments, f, k, log_std, jitter=1e-4):
+        self.f, self.k, self.log_std, self.jitter = f, k, log_std, jitter
+        self.moments = moments
+
+    def _log_normal(self, side, index):
+        mean, cov = self.moments[side]
+        index = torch.as_tensor(index, device=self.f.device)
+        m = mean[index]
+        c = cov[index][:, index]
+        c = c + self.jitter * torch.eye(len(index), device=c.device, dtype=c.dtype)
+        log_density = pyro.distributions.MultivariateNormal(m, covariance_matrix=c).log_prob(
+            self.f[..., index]
+        )
+        return log_density - self.log_std[index].sum()  # back to the data's units
+
+    @property
+    def _all(self):
+        return list(range(self.f.shape[-1]))
+
+    def log_q_x(self):
+        return self._log_normal("q", self._all[self.k :])
+
+    def log_q_z_given_x(self):
+        return self._log_normal("q", self._all) - self._log_normal("q", self._all[self.k :])
+
+    def log_p_z(self):
+        return self._log_normal("p", self._all[: self.k])
+
+    def log_p_x_given_z(self):
+        return self._log_normal("p", self._all) - self._log_normal("p", self._all[: self.k])
