@@ -263,6 +263,7 @@ class AdversarialGuide:
         )
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate)
         self._moments = None
+        self._guide_has_density = None
         if getattr(self, "_pending_state", None) is not None:
             self._load_pending()
 
@@ -308,7 +309,10 @@ class AdversarialGuide:
         if explicit and self.residual:
             pairs["log_prior"] = self._log_density(trace, self._latents)
             pairs["log_lik"] = self._log_density(trace, self._observed)
-            pairs["log_q"] = self._guide_density_at(model_trace=trace, args=args, kwargs=kwargs)
+            # An implicit guide is found out once; it is not run again just to fail.
+            if self._guide_has_density is not False:
+                pairs["log_q"] = self._guide_density_at(trace, args, kwargs)
+                self._guide_has_density = pairs["log_q"] is not None
         return pairs
 
     def _guide_density_at(self, model_trace, args, kwargs):
@@ -458,29 +462,21 @@ class _GaussianTerms:
         self.f, self.k, self.log_std, self.jitter = f, k, log_std, jitter
         self.moments = moments
 
-    def _log_normal(self, side, index):
+    def _log_normal(self, side, block):
         mean, cov = self.moments[side]
-        index = torch.as_tensor(index, device=self.f.device)
-        m = mean[index]
-        c = cov[index][:, index]
-        c = c + self.jitter * torch.eye(len(index), device=c.device, dtype=c.dtype)
-        log_density = pyro.distributions.MultivariateNormal(m, covariance_matrix=c).log_prob(
-            self.f[..., index]
-        )
-        return log_density - self.log_std[index].sum()  # back to the data's units
-
-    @property
-    def _all(self):
-        return list(range(self.f.shape[-1]))
+        m, c = mean[block], cov[block, block]
+        c = c + self.jitter * torch.eye(c.shape[-1], device=c.device, dtype=c.dtype)
+        normal = pyro.distributions.MultivariateNormal(m, covariance_matrix=c)
+        return normal.log_prob(self.f[..., block]) - self.log_std[block].sum()  # data units
 
     def log_q_x(self):
-        return self._log_normal("q", self._all[self.k :])
+        return self._log_normal("q", slice(self.k, None))
 
     def log_q_z_given_x(self):
-        return self._log_normal("q", self._all) - self._log_normal("q", self._all[self.k :])
+        return self._log_normal("q", slice(None)) - self.log_q_x()
 
     def log_p_z(self):
-        return self._log_normal("p", self._all[: self.k])
+        return self._log_normal("p", slice(None, self.k))
 
     def log_p_x_given_z(self):
-        return self._log_normal("p", self._all) - self._log_normal("p", self._all[: self.k])
+        return self._log_normal("p", slice(None)) - self.log_p_z()
