@@ -80,10 +80,10 @@ def exact_posterior(x):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-data", type=int, default=4000)
+    p.add_argument("--num-data", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-steps", type=int, default=3000)
-    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/explaining_away")
     p.add_argument("--quiet", action="store_true")
