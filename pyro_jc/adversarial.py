@@ -130,7 +130,7 @@ class AdversarialGuide:
         self._observations = observations
         self.discriminator = None
         self.optimizer = None
-        self._layout = None
+        self._pending_state = None
         self.num_guide_steps = 0
         #: Per-step diagnostics: discriminator ``accuracy``, ``kl`` (plug-in E_qk[T] per
         #: datapoint), ``exp_t_model`` (E_p[exp T], near 1 when the ratio is right), and
@@ -180,7 +180,7 @@ class AdversarialGuide:
     # -- one SVI step ---------------------------------------------------------------------
 
     def _step(self, model, args, kwargs):
-        if self._layout is None:
+        if self.discriminator is None:
             self._setup(model, args, kwargs)
         warmup = self.warmup_steps if self.num_guide_steps == 0 else 0
         for _ in range(warmup + self.discriminator_steps):
@@ -250,7 +250,6 @@ class AdversarialGuide:
         self._observed = [s["name"] for s in observed]
         self._arguments = ObservationArguments(model, self._observations)
         self._arguments.locate(observed_values(trace), args, kwargs)  # fails early if ambiguous
-        self._layout = True
         with torch.no_grad():
             features = self._guide_pairs(model, args, kwargs, explicit=False)["features"]
             model_pairs = self._model_pairs(model, args, kwargs, explicit=False)
@@ -264,7 +263,7 @@ class AdversarialGuide:
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate)
         self._moments = None
         self._guide_has_density = None
-        if getattr(self, "_pending_state", None) is not None:
+        if self._pending_state is not None:
             self._load_pending()
 
     def _build_discriminator(self, in_dim):
