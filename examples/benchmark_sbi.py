@@ -68,8 +68,8 @@ def make_guide(model, flow):
         transform=FLOWS[flow][1],
         num_transforms=NUM_TRANSFORMS,
         flow_hidden_dims=(HIDDEN, HIDDEN),
-        count_bins=10,  # as sbi's nsf (10 bins, tail bound 3)
-        bound=3.0,
+        count_bins=10,  # as sbi's nsf (10 bins); pyro_jc's default interval (5, sbi's is 3)
+        bound=5.0,
         embedding=torch.nn.Identity(),  # as sbi: the flow is conditioned on z-scored x
     )
 

@@ -36,8 +36,15 @@ from .joints import (
     sample_sites,
 )
 from .nn import MLP, DeepSet, Standardize
+from .transforms import ConditionalSplineAutoregressive, ConditionalSplineCoupling
 
-_FLOW_TRANSFORMS = ("affine_autoregressive", "spline_autoregressive", "affine_coupling")
+_AUTOREGRESSIVE = ("affine_autoregressive", "spline_autoregressive")
+_FLOW_TRANSFORMS = (
+    "affine_autoregressive",
+    "spline_coupling",
+    "spline_autoregressive",
+    "affine_coupling",
+)
 
 
 def _numel(shape):
@@ -430,9 +437,14 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
 
     Takes the arguments of :class:`AutoAmortizedGuide`, plus:
 
-    :param str transform: ``"affine_autoregressive"`` (default; MAF),
-        ``"spline_autoregressive"`` (neural spline flow) or ``"affine_coupling"``
-        (RealNVP). With one latent dimension, conditional elementwise splines are used.
+    :param str transform: ``"affine_autoregressive"`` (default; MAF, Pyro's layer),
+        ``"spline_autoregressive"`` (rational-quadratic neural spline flow, autoregressive;
+        :class:`~pyro_jc.transforms.ConditionalSplineAutoregressive`), ``"spline_coupling"``
+        (its coupling form; :class:`~pyro_jc.transforms.ConditionalSplineCoupling`) or
+        ``"affine_coupling"`` (RealNVP, Pyro's layer). With one latent dimension every kind
+        uses a rational-quadratic spline conditioned on the observations. (Pyro's own
+        conditional spline layers are linear-order rational splines, and its quadratic
+        option fails in Pyro 1.9, hence pyro_jc's.)
     :param int num_transforms: number of flow layers.
     :param hidden_dims: hidden widths of each layer's conditioner network.
     :param str fast: ``"log_prob"`` (default) puts autoregressive layers in the direction
@@ -472,9 +484,9 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         d = self.latent_dim
         layers = []
         for _ in range(self.num_transforms):
-            if d == 1:
-                layer = T.conditional_spline(
-                    1,
+            if d == 1 or self.transform == "spline_coupling":
+                layer = ConditionalSplineCoupling(
+                    d,
                     context_dim,
                     self.flow_hidden_dims,
                     count_bins=self.count_bins,
@@ -483,7 +495,7 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
             elif self.transform == "affine_autoregressive":
                 layer = T.conditional_affine_autoregressive(d, context_dim, self.flow_hidden_dims)
             elif self.transform == "spline_autoregressive":
-                layer = T.conditional_spline_autoregressive(
+                layer = ConditionalSplineAutoregressive(
                     d,
                     context_dim,
                     self.flow_hidden_dims,
@@ -494,9 +506,14 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
                 layer = T.conditional_affine_coupling(d, context_dim, self.flow_hidden_dims)
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
-        # Fixed random permutations between layers mix the dimensions' roles.
+        # Permutations between layers mix the dimensions' roles: reversals for the spline
+        # layers (each layer then transforms what the previous one conditioned on), fixed
+        # random ones for Pyro's affine layers (whose masked networks are randomly ordered).
         generator = torch.Generator().manual_seed(0)
-        perms = [torch.randperm(d, generator=generator) for _ in range(self.num_transforms)]
+        if self.transform.startswith("spline"):
+            perms = [torch.arange(d).flip(0)] * self.num_transforms
+        else:
+            perms = [torch.randperm(d, generator=generator) for _ in range(self.num_transforms)]
         self.register_buffer("permutations", torch.stack(perms) if d > 1 else torch.zeros(0))
 
     def _posterior(self, context):
@@ -509,7 +526,7 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         layers = self.layers
         for i, layer in enumerate(layers):
             t = layer.condition(context)
-            if self.fast == "log_prob" and d > 1 and self.transform != "affine_coupling":
+            if self.fast == "log_prob" and d > 1 and self.transform in _AUTOREGRESSIVE:
                 t = t.inv
             transforms.append(t)
             if d > 1 and i < len(layers) - 1:

@@ -15,7 +15,8 @@ from pyro_jc import AutoAmortizedFlow, AutoAmortizedNormal, ForwardKL, JointCont
 GUIDES = {
     "normal": AutoAmortizedNormal,
     "maf": lambda m, **kw: AutoAmortizedFlow(m, num_transforms=2, **kw),
-    "nsf": lambda m, **kw: AutoAmortizedFlow(m, transform="spline_autoregressive", **kw),
+    "nsf": lambda m, **kw: AutoAmortizedFlow(m, transform="spline_coupling", **kw),
+    "spline_ar": lambda m, **kw: AutoAmortizedFlow(m, transform="spline_autoregressive", **kw),
     "realnvp": lambda m, **kw: AutoAmortizedFlow(
         m, transform="affine_coupling", fast="sample", **kw
     ),
@@ -85,14 +86,17 @@ def test_bounded_latents_never_leave_the_support(kind):
     assert (samples["probs"] >= 0).all()
 
 
-def test_density_integrates_to_one_on_a_bounded_support():
+@pytest.mark.parametrize("transform", ["spline_coupling", "affine_autoregressive"])
+def test_density_integrates_to_one_on_a_bounded_support(transform):
     def model(x):
         r = pyro.sample("r", dist.Beta(2.0, 2.0))
         pyro.sample("x", dist.Normal(r, 0.1), obs=x)
 
-    guide = AutoAmortizedFlow(model, transform="spline_autoregressive")
+    guide = AutoAmortizedFlow(model, transform=transform)
     x = torch.tensor(0.3)
     guide(x)  # setup
+    for p in guide.layers.parameters():  # a non-trivial flow, not the identity at init
+        torch.nn.init.normal_(p, std=0.05)
     grid = torch.linspace(1e-4, 1 - 1e-4, 4001)
     with torch.no_grad(), pyro.plate("grid", len(grid)):
         trace = poutine.trace(poutine.condition(guide, {"r": grid})).get_trace(x)
