@@ -19,6 +19,7 @@ import warnings
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
 
@@ -73,6 +74,11 @@ class AdversarialGuide:
     moment-matched to the two sets of pairs for the remaining terms (always ``log k(x)``; the
     implicit ones of the three above). The network, zero at initialization, learns only the
     remainder: a plain network underestimates large KLs badly.
+
+    **Model parameters.** Explicit sites' parameters get ``-E_qk[grad log p]`` from the
+    residual's known densities; a differentiable simulator's parameters
+    (``Implicit(..., reparameterized=True)``) get the dual gradient ``-grad E_p[exp T]``
+    (``"js"``: ``-grad E_p[softplus T]``) through fresh simulations with ``T`` held fixed.
 
     The discriminator and its optimizer are not Pyro parameters (SVI does not capture them,
     and the guide's backward pass gives them no gradient); :meth:`state_dict` and
@@ -195,7 +201,10 @@ class AdversarialGuide:
         self._warn_if_unhealthy()
         self.num_guide_steps += 1
         per_pair = logit if self.divergence == "kl" else nn.functional.softplus(logit)
-        return self._num_datapoints * per_pair.mean()
+        loss = self._num_datapoints * per_pair.mean()
+        if torch.is_grad_enabled() and self._dual_sites is not False:
+            loss = loss + self._model_gradient_surrogate(model, args, kwargs)
+        return loss
 
     @torch.enable_grad()
     def _discriminator_step(self, model, args, kwargs):
@@ -263,6 +272,10 @@ class AdversarialGuide:
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate)
         self._moments = None
         self._guide_has_density = None
+        self._implicit = {
+            n for n in self._latents + self._observed if self._log_density(trace, [n]) is None
+        }
+        self._dual_sites = None  # found on the first differentiable step
         if self._pending_state is not None:
             self._load_pending()
 
@@ -374,6 +387,79 @@ class AdversarialGuide:
                     "distribution, or an Implicit(..., reparameterized=True) noise-fed network."
                 )
 
+    # -- model parameters of implicit sites ----------------------------------------------
+
+    def _model_gradient_surrogate(self, model, args, kwargs):
+        """A zero-valued term whose gradient is the model parameters' share of the divergence
+        gradient that flows through implicit sites.
+
+        ``E_qk[T]`` gives model parameters no gradient through an implicit site (``T`` is
+        fixed and the guide pairs do not depend on them). The dual form does: at the optimal
+        ratio, ``grad KL[qk || p] = -grad E_p[exp T]`` (``"kl"``) and
+        ``grad JS = -grad E_p[softplus T]`` (``"js"``), differentiated through the model's
+        reparameterized simulations with ``T`` held fixed. Explicit sites' values are cut
+        (their parameters already get the exact gradient of their log densities through the
+        guide pairs), so only the implicit sites' paths carry this term.
+        """
+        explicit = [n for n in self._latents + self._observed if n not in self._implicit]
+        trace = model_joint_trace(_DetachSites(explicit)(model), args, kwargs)
+        values = {n: trace.nodes[n]["value"] for n in self._latents + self._observed}
+        values.update({n: values[n].detach() for n in explicit})
+        if self._dual_sites is None:
+            self._dual_sites = self._find_dual_sites(trace, values, explicit)
+            if not self._dual_sites:
+                self._dual_sites = False
+                return 0.0
+        pairs = self._features(values, trace)
+        if self.residual:
+            pairs["log_prior"] = self._log_density(trace, self._latents)
+            pairs["log_lik"] = self._log_density(trace, self._observed)
+            if self._guide_has_density:
+                pairs["log_q"] = self._guide_density_at(trace, args, kwargs)
+        logit = self._logit(pairs, frozen=True)
+        if self.divergence == "kl":
+            # exp(T) beyond e^50 is a pair the ratio cannot be trusted on anyway.
+            dual = -logit.clamp(max=50.0).exp()
+        else:
+            dual = -nn.functional.softplus(logit)
+        sites = [values[n] for n in self._dual_sites]
+        grads = torch.autograd.grad(dual.sum(), sites, retain_graph=True)
+        scale = self._num_datapoints / dual.numel()
+        surrogate = sum((g * (v - v.detach())).sum() for g, v in zip(grads, sites, strict=True))
+        return scale * surrogate
+
+    def _find_dual_sites(self, trace, values, explicit):
+        """Implicit sites whose simulations depend on learnable parameters; refuses layouts
+        the estimator does not cover, and warns about parameters it cannot reach."""
+        dual = [n for n in self._implicit if values[n].requires_grad]
+        for name in self._implicit:
+            fn = trace.nodes[name]["fn"]
+            if not values[name].requires_grad and _params_require_grad(fn):
+                warnings.warn(
+                    f"AdversarialGuide: implicit site {name!r} depends on learnable parameters "
+                    "but is not reparameterized, so they get no gradient. Declare "
+                    "Implicit(..., reparameterized=True) if the simulator is a differentiable "
+                    "torch function.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        if dual:
+            sims = [values[n] for n in dual]
+            for name in explicit:
+                site = trace.nodes[name]
+                log_p = site["fn"].log_prob(values[name])
+                if not log_p.requires_grad:
+                    continue
+                grads = torch.autograd.grad(log_p.sum(), sims, retain_graph=True, allow_unused=True)
+                if any(g is not None for g in grads):
+                    raise NotImplementedError(
+                        f"Explicit site {name!r} depends on the implicit, learnable simulation(s) "
+                        f"{dual}: AdversarialGuide learns simulator parameters only when explicit "
+                        "sites do not sit downstream of implicit ones. Make the downstream site "
+                        "implicit too (Implicit(..., reparameterized=True))."
+                    )
+        return sorted(dual, key=(self._latents + self._observed).index)
+
     # -- the logit ------------------------------------------------------------------------
 
     def _update_moments(self, guide_pairs, model_pairs, momentum=0.95):
@@ -443,6 +529,26 @@ class AdversarialGuide:
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+class _DetachSites(Messenger):
+    """Cut the gradient of the named sites' sampled values (seen by the rest of the model)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = set(names)
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.names:
+            msg["value"] = msg["value"].detach()
+
+
+def _params_require_grad(fn):
+    while fn is not None:
+        if any(getattr(p, "requires_grad", False) for p in getattr(fn, "params", ())):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def _moments(f):
