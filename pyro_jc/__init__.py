@@ -3,7 +3,7 @@
 Every loss compares the model joint ``p(z, x)`` with the guide joint ``q(z | x) k(x)``.
 """
 
-from . import optim  # noqa: E402  (pyro_jc.optim.Adam)
+from . import diagnostics, optim  # noqa: E402  (pyro_jc.optim.Adam, pyro_jc.diagnostics.sbc)
 from .adversarial import AdversarialGuide
 from .autoguides import AutoAmortizedFlow, AutoAmortizedNormal
 from .distributions import Implicit
@@ -31,6 +31,7 @@ __all__ = [
     "ObservationArgumentError",
     "SimulatorError",
     "simulate",
+    "diagnostics",
     "optim",
     "ImplicitDensityError",
     "JointContrastiveELBO",

@@ -100,5 +100,13 @@ class SingleOptimizer(PyroOptim):
 
 def Adam(optim_args, clip_args=None):
     """:class:`SingleOptimizer` around :class:`torch.optim.Adam`; a drop-in for
-    ``pyro.optim.Adam`` when all parameters share one set of arguments."""
+    ``pyro.optim.Adam`` when all parameters share one set of arguments.
+
+    Unless ``optim_args`` says otherwise, the update runs as one multi-tensor (``foreach``)
+    kernel on every device: torch uses it by default only on GPUs, but for a guide's many
+    small tensors it was 30% faster on a CPU too (``examples/benchmark_forward_kl.py``).
+    """
+    optim_args = dict(optim_args) if isinstance(optim_args, dict) else optim_args
+    if isinstance(optim_args, dict):
+        optim_args.setdefault("foreach", True)
     return SingleOptimizer(torch.optim.Adam, optim_args, clip_args)
