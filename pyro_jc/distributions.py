@@ -46,6 +46,14 @@ class Implicit(TorchDistribution):
             pyro.sample("x", Implicit(sir, beta, gamma, event_shape=(10,),
                                       vectorized=False, numpy=True), obs=x)
 
+    A vectorized torch simulator under a plate:
+
+    >>> import torch
+    >>> from pyro_jc import Implicit
+    >>> noisy = Implicit(lambda loc: loc + 0.1 * torch.randn(loc.shape), torch.zeros(3))
+    >>> noisy.batch_shape, noisy.sample().shape
+    (torch.Size([3]), torch.Size([3]))
+
     :param callable simulator: the simulator.
     :param params: its parameters (tensors or numbers); they set device and dtype of the
         output.

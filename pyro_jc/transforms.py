@@ -68,6 +68,15 @@ def rational_quadratic_spline(inputs, widths, heights, derivatives, bound, inver
     :param bool inverse: evaluate the inverse map.
     :returns: ``(outputs, log_abs_det)``, where ``log_abs_det`` is always
         ``log |d forward / d x|`` at the (input, output) pair, elementwise.
+
+    Zero parameters give the identity:
+
+    >>> import torch
+    >>> x = torch.linspace(-2, 2, 5).unsqueeze(-1)
+    >>> zeros = torch.zeros(5, 1, 4)
+    >>> y, log_det = rational_quadratic_spline(x, zeros, zeros, zeros[..., :3], bound=3.0)
+    >>> torch.allclose(y, x, atol=1e-6), torch.allclose(log_det, torch.zeros(5, 1), atol=1e-6)
+    (True, True)
     """
     inside = (inputs > -bound) & (inputs < bound)
     x = inputs.clamp(-bound, bound)

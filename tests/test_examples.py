@@ -30,6 +30,14 @@ SMOKE_ARGS = {
         "2",
         "--quiet",
     ],
+    "calibration.py": [
+        "--num-simulations",
+        "300",
+        "--num-posterior-samples",
+        "9",
+        "--num-steps",
+        "5",
+    ],
     "benchmark_forward_kl.py": ["--csis-seconds", "0.5", "--rounds", "1", "--steps", "2"],
     "benchmark_sbi.py": [
         "--tasks",
@@ -142,3 +150,12 @@ def test_implicit_likelihood(tmp_path):
         for method in ("ForwardKL", "AdversarialGuide"):
             assert rows[method]["kl_exact_to_guide"] >= -1e-3  # quadrature KLs are KLs
             assert rows[method]["kl_guide_to_exact"] >= -1e-3
+
+
+def test_calibration(tmp_path):
+    pytest.importorskip("matplotlib")
+    module = load("calibration.py")
+    args = module.parse_args(SMOKE_ARGS["calibration.py"] + ["--out", str(tmp_path)])
+    results = module.main(args)
+    assert (tmp_path / "calibration.png").stat().st_size > 0
+    assert not results["scale halved"].passes(0.01)  # 300 simulations already see it

@@ -33,11 +33,16 @@ def plot_rank_histograms(result, ax=None, max_elements=8):
     a uniform histogram's bin counts (binomial, normal approximation).
 
     :param result: an :class:`~pyro_jc.diagnostics.SBCResult`.
-    :returns: the axes.
+    :param ax: a matplotlib axes or a sequence of them (default: a new figure).
+    :returns: the list of axes drawn on.
     """
     k = min(len(result.names), max_elements)
-    axes = _axes(ax, k)
-    axes = [axes] if k == 1 else list(axes)
+    if ax is None:
+        axes = _axes(None, k)
+        axes = [axes] if k == 1 else list(axes)
+    else:  # one axes, or a sequence of them
+        axes = list(ax.ravel() if hasattr(ax, "ravel") else ax) if not hasattr(ax, "bar") else [ax]
+        axes = axes[:k]
     n = result.ranks.shape[0]
     p = 1.0 / result.num_bins
     mean, sd = n * p, math.sqrt(n * p * (1 - p))

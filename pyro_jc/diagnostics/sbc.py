@@ -100,6 +100,18 @@ def sbc(
     :param int max_plate_nesting: the model's plate depth (found from one run if omitted).
     :returns: :class:`SBCResult`.
 
+    The exact posterior of a Beta-Bernoulli model is calibrated:
+
+    >>> import pyro
+    >>> from pyro_jc.diagnostics import sbc
+    >>> from pyro_jc.testing import BetaBernoulliModel
+    >>> pyro.set_rng_seed(0)
+    >>> problem = BetaBernoulliModel(2.0, 3.0, num_data=5)
+    >>> result = sbc(problem.model, problem.guide, problem.data, num_simulations=200,
+    ...              num_posterior_samples=19)
+    >>> result.names, tuple(result.ranks.shape), result.passes(0.01)
+    (['p'], (200, 1), True)
+
     **Reference:** Talts, Betancourt, Simpson, Vehtari, Gelman (2018), *Validating Bayesian
     inference algorithms with simulation-based calibration*, arXiv:1804.06788.
     """
