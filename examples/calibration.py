@@ -79,9 +79,8 @@ def main(args):
         )
         results[name] = result
         coverage = " ".join(f"{c:.3f}" for c in result.coverage.mean(0).tolist())
-        print(
-            f"{name:34} {result.p_values.min().item():>12.2e} {result.passes(0.01)!s:>10}   {coverage}"
-        )
+        passes = str(result.passes(0.01))
+        print(f"{name:34} {result.p_values.min().item():>12.2e} {passes:>10}   {coverage}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "calibration.png")

@@ -28,6 +28,7 @@ from .joints import (
     latent_sites,
     model_joint_trace,
     observed_values,
+    plate_nesting,
     sample_sites,
     values_trace,
 )
@@ -134,13 +135,7 @@ class ForwardKL(ELBO):
         with poutine.block():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
         if self.max_plate_nesting == math.inf:
-            dims = [
-                frame.dim
-                for site in sample_sites(trace)
-                for frame in site["cond_indep_stack"]
-                if frame.vectorized
-            ]
-            self.max_plate_nesting = -min(dims) if dims else 0
+            self.max_plate_nesting = plate_nesting(trace)
         params = [name for name, site in trace.nodes.items() if site["type"] == "param"]
         if params and "params" not in self._warned:
             self._warned.add("params")

@@ -105,6 +105,18 @@ def _plate_names(trace):
     return {f.name for site in sample_sites(trace) for f in data_frames(site)}
 
 
+def plate_nesting(*traces):
+    """Depth of the vectorized plates around the sample sites of ``traces`` (0 if none)."""
+    dims = [
+        frame.dim
+        for trace in traces
+        for site in sample_sites(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
 def num_datapoints(frame):
     """Number of datapoints in the full data set: the plate's full size (1 without a plate)."""
     if frame is None:
@@ -301,14 +313,7 @@ class GuideJointTraces:
         # Same random draws as Pyro's guess (one guide run, one replayed model run).
         with poutine.block():
             model_trace, guide_trace = guide_joint_traces(model, guide, args, kwargs)
-        dims = [
-            frame.dim
-            for trace in (model_trace, guide_trace)
-            for site in sample_sites(trace)
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        ]
-        self.max_plate_nesting = -min(dims) if dims else 0
+        self.max_plate_nesting = plate_nesting(model_trace, guide_trace)
         if self.vectorize_particles and self.num_particles > 1:
             self.max_plate_nesting += 1
 

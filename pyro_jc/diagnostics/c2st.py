@@ -71,12 +71,14 @@ def c2st(
     train_index, test_index = _folds(len(data), num_folds, generator)
     net = _BatchedMLP(num_folds, data.shape[1], hidden_multiplier * data.shape[1], generator)
     net = net.to(device=device, dtype=dtype)
+    # Minibatch order comes from a generator on the data's device (no per-epoch copies).
+    shuffles = torch.Generator(device=device).manual_seed(seed)
     _train(
         net,
         data,
         labels,
         train_index.to(device),
-        generator,
+        shuffles,
         learning_rate,
         batch_size,
         l2,
@@ -150,7 +152,7 @@ def _train(
     stale = torch.zeros(num_folds, dtype=torch.long, device=data.device)
     beta1, beta2, eps, step = 0.9, 0.999, 1e-8, 0
     for _ in range(max_epochs):
-        keys = torch.rand(num_folds, n_train, generator=generator).to(data.device)
+        keys = torch.rand(num_folds, n_train, generator=generator, device=data.device)
         order = train_index.gather(1, keys.argsort(1))
         epoch_loss = torch.zeros(num_folds, device=data.device, dtype=data.dtype)
         for start in range(0, n_train, batch_size):

@@ -8,7 +8,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from ..joints import observed_values, sample_sites
+from ..joints import observed_values, plate_nesting
 
 _DRAWS_PLATE = "_ppc_draws"
 
@@ -41,12 +41,7 @@ def posterior_predictive_check(
         raise ValueError(
             "The model has no observed site: give the data with pyro.sample(..., obs=data)."
         )
-    nesting = max_plate_nesting
-    if nesting is None:
-        dims = [
-            f.dim for s in sample_sites(prototype) for f in s["cond_indep_stack"] if f.vectorized
-        ]
-        nesting = -min(dims) if dims else 0
+    nesting = plate_nesting(prototype) if max_plate_nesting is None else max_plate_nesting
     with torch.no_grad(), poutine.block():
         with pyro.plate(_DRAWS_PLATE, num_samples, dim=-nesting - 1):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
