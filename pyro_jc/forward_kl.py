@@ -465,6 +465,7 @@ def simulate(
     if num_simulations < 1:
         raise ValueError(f"num_simulations must be positive, got {num_simulations}.")
     loss = ForwardKL(num_particles=1, max_plate_nesting=max_plate_nesting or math.inf)
+    loss._warned.add("params")  # simulating trains nothing: no warning about model parameters
     loss._setup(model, args, kwargs)
     loss._pad_unbatched = True
     batch_size = batch_size or num_simulations

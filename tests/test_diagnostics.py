@@ -169,3 +169,19 @@ def test_plots_draw(tmp_path):
     plots.plot_rank_ecdf(bad)
     fig = plots.plot_pairs(torch.randn(100, 2), torch.randn(100, 2))
     assert (tmp_path / "coverage.png").stat().st_size > 0 and len(fig.axes) == 4
+
+
+def test_sbc_of_a_model_with_parameters_does_not_warn_about_training():
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.5))
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):  # exact: precision 1 + n, mean (loc + sum x) / (1 + n)
+        precision = 1.0 + x.shape[-1]
+        loc = (0.5 + x.sum(-1, keepdim=x.dim() > 1)) / precision
+        pyro.sample("z", dist.Normal(loc, precision**-0.5))
+
+    result = sbc(model, guide, torch.zeros(3), num_simulations=500, num_posterior_samples=19)
+    assert result.passes(0.01)  # and no UserWarning (warnings are errors in this suite)

@@ -126,6 +126,7 @@ def sbc(
     layout = ForwardKL(
         num_particles=1, observations=observations, max_plate_nesting=max_plate_nesting or math.inf
     )
+    layout._warned.add("params")  # it trains nothing: no warning about model parameters
     layout._setup(model, args, kwargs)
     nesting = layout.max_plate_nesting
     bank = simulate(
