@@ -138,9 +138,13 @@ class AdversarialGuide:
         self.optimizer = None
         self._pending_state = None
         self.num_guide_steps = 0
+        # Since the last health check: sum and count of E_p[exp T], and the held-out gaps.
+        self._exp_t_window = [0.0, 0]
+        self._gap_window = []
         #: Per-step diagnostics: discriminator ``accuracy``, ``kl`` (plug-in E_qk[T] per
         #: datapoint), ``exp_t_model`` (E_p[exp T], near 1 when the ratio is right), and
-        #: ``held_out_gap`` (E_qk[T] on the pairs it was trained on minus on fresh pairs).
+        #: ``held_out_gap`` (T on the pairs of the last discriminator step minus on fresh
+        #: draws of z for the same data, paired by datapoint; ``held_out_gap_se``).
         self.diagnostics = {}
 
     def __call__(self, *args, **kwargs):
@@ -189,15 +193,18 @@ class AdversarialGuide:
         if self.discriminator is None:
             self._setup(model, args, kwargs)
         warmup = self.warmup_steps if self.num_guide_steps == 0 else 0
-        for _ in range(warmup + self.discriminator_steps):
-            trained_on = self._discriminator_step(model, args, kwargs)
+        steps = warmup + self.discriminator_steps
+        for i in range(steps):
+            trained_on = self._discriminator_step(model, args, kwargs, last=i == steps - 1)
         guide_pairs = self._guide_pairs(model, args, kwargs)
         logit = self._logit(guide_pairs, frozen=True)
         with torch.no_grad():
-            (trained_mean, trained_var), n = trained_on, logit.numel()
             self.diagnostics["kl"] = logit.mean().item()
-            self.diagnostics["held_out_gap"] = trained_mean - logit.mean().item()
-            self.diagnostics["held_out_gap_se"] = ((trained_var + logit.var().item()) / n) ** 0.5
+            # Paired by datapoint: both sets of pairs share the data and differ in z.
+            gap = trained_on - logit
+            self.diagnostics["held_out_gap"] = gap.mean().item()
+            self.diagnostics["held_out_gap_se"] = (gap.var() / gap.numel()).sqrt().item()
+            self._gap_window.append(self.diagnostics["held_out_gap"])
         self._warn_if_unhealthy()
         self.num_guide_steps += 1
         per_pair = logit if self.divergence == "kl" else nn.functional.softplus(logit)
@@ -207,7 +214,7 @@ class AdversarialGuide:
         return loss
 
     @torch.enable_grad()
-    def _discriminator_step(self, model, args, kwargs):
+    def _discriminator_step(self, model, args, kwargs, last=False):
         with torch.no_grad():
             guide_pairs = self._guide_pairs(model, args, kwargs)
             model_pairs = self._model_pairs(model, args, kwargs)
@@ -223,14 +230,22 @@ class AdversarialGuide:
                 (t_q > 0).float().mean().item() + (t_p < 0).float().mean().item()
             )
             self.diagnostics["exp_t_model"] = t_p.clamp(max=50).exp().mean().item()
+            self._exp_t_window[0] += self.diagnostics["exp_t_model"]
+            self._exp_t_window[1] += 1
             self.diagnostics["num_pairs"] = t_p.numel()
             self.diagnostics["discriminator_loss"] = loss.item()
-        return t_q.detach().mean().item(), t_q.detach().var().item()
+        if not last:
+            return None
+        # The updated discriminator on the pairs it was just trained on: compared with fresh
+        # pairs (same data, new draws of z), an excess is overfitting to those pairs.
+        with torch.no_grad():
+            return self._logit(guide_pairs)
 
     # -- setup ----------------------------------------------------------------------------
 
     def _setup(self, model, args, kwargs):
-        with torch.no_grad(), poutine.block():
+        # With gradients on, so that the sites' parameters show whether they are learnable.
+        with torch.enable_grad(), poutine.block():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
         frame = find_data_plate(trace)
         latents = latent_sites(trace)
@@ -275,7 +290,8 @@ class AdversarialGuide:
         self._implicit = {
             n for n in self._latents + self._observed if self._log_density(trace, [n]) is None
         }
-        self._dual_sites = None  # found on the first differentiable step
+        self._dual_sites = self._learnable_implicit_sites(trace) or False
+        self._dual_layout_checked = False
         if self._pending_state is not None:
             self._load_pending()
 
@@ -405,11 +421,9 @@ class AdversarialGuide:
         trace = model_joint_trace(_DetachSites(explicit)(model), args, kwargs)
         values = {n: trace.nodes[n]["value"] for n in self._latents + self._observed}
         values.update({n: values[n].detach() for n in explicit})
-        if self._dual_sites is None:
-            self._dual_sites = self._find_dual_sites(trace, values, explicit)
-            if not self._dual_sites:
-                self._dual_sites = False
-                return 0.0
+        if not self._dual_layout_checked:
+            self._check_dual_layout(trace, values, explicit)
+            self._dual_layout_checked = True
         pairs = self._features(values, trace)
         if self.residual:
             pairs["log_prior"] = self._log_density(trace, self._latents)
@@ -428,37 +442,43 @@ class AdversarialGuide:
         surrogate = sum((g * (v - v.detach())).sum() for g, v in zip(grads, sites, strict=True))
         return scale * surrogate
 
-    def _find_dual_sites(self, trace, values, explicit):
-        """Implicit sites whose simulations depend on learnable parameters; refuses layouts
-        the estimator does not cover, and warns about parameters it cannot reach."""
-        dual = [n for n in self._implicit if values[n].requires_grad]
-        for name in self._implicit:
+    def _learnable_implicit_sites(self, trace):
+        """Implicit sites whose simulator parameters are learnable and reparameterized (the
+        dual gradient reaches them); a warning for those that are not reparameterized."""
+        sites = []
+        for name in self._latents + self._observed:
             fn = trace.nodes[name]["fn"]
-            if not values[name].requires_grad and _params_require_grad(fn):
+            if name not in self._implicit or not _params_require_grad(fn):
+                continue
+            if fn.has_rsample:
+                sites.append(name)
+            else:
                 warnings.warn(
                     f"AdversarialGuide: implicit site {name!r} depends on learnable parameters "
                     "but is not reparameterized, so they get no gradient. Declare "
                     "Implicit(..., reparameterized=True) if the simulator is a differentiable "
                     "torch function.",
                     RuntimeWarning,
-                    stacklevel=5,
+                    stacklevel=6,
                 )
-        if dual:
-            sims = [values[n] for n in dual]
-            for name in explicit:
-                site = trace.nodes[name]
-                log_p = site["fn"].log_prob(values[name])
-                if not log_p.requires_grad:
-                    continue
-                grads = torch.autograd.grad(log_p.sum(), sims, retain_graph=True, allow_unused=True)
-                if any(g is not None for g in grads):
-                    raise NotImplementedError(
-                        f"Explicit site {name!r} depends on the implicit, learnable simulation(s) "
-                        f"{dual}: AdversarialGuide learns simulator parameters only when explicit "
-                        "sites do not sit downstream of implicit ones. Make the downstream site "
-                        "implicit too (Implicit(..., reparameterized=True))."
-                    )
-        return sorted(dual, key=(self._latents + self._observed).index)
+        return sites
+
+    def _check_dual_layout(self, trace, values, explicit):
+        """Refuse explicit sites downstream of a learnable simulation: the dual term cuts
+        explicit values, which would cut that path too."""
+        sims = [values[n] for n in self._dual_sites]
+        for name in explicit:
+            log_p = trace.nodes[name]["fn"].log_prob(values[name])
+            if not log_p.requires_grad:
+                continue
+            grads = torch.autograd.grad(log_p.sum(), sims, retain_graph=True, allow_unused=True)
+            if any(g is not None for g in grads):
+                raise NotImplementedError(
+                    f"Explicit site {name!r} depends on the implicit, learnable simulation(s) "
+                    f"{self._dual_sites}: AdversarialGuide learns simulator parameters only when "
+                    "explicit sites do not sit downstream of implicit ones. Make the downstream "
+                    "site implicit too (Implicit(..., reparameterized=True))."
+                )
 
     # -- the logit ------------------------------------------------------------------------
 
@@ -509,23 +529,39 @@ class AdversarialGuide:
         d = self.diagnostics
         if self.num_guide_steps % 100 != 99:
             return
-        exp_t = d.get("exp_t_model", 1.0)
-        # From n model pairs E_p[exp T] is only estimable while the KL is below about log n.
-        estimable = d.get("kl", 0.0) < math.log(d.get("num_pairs", 1))
+        if self.num_guide_steps < 100:
+            # The first window is a transient (the guide moves fastest and the ratio lags):
+            # judge from the second on.
+            self._exp_t_window, self._gap_window = [0.0, 0], []
+            return
+        # E_p[exp T] is heavy-tailed: judge its mean over every discriminator step since the
+        # last check, not one batch. From n model pairs it is only estimable while the KL is
+        # below about log n.
+        total, count = self._exp_t_window
+        self._exp_t_window = [0.0, 0]
+        exp_t = total / count if count else 1.0
+        estimable = d.get("kl", 0.0) < math.log(d.get("num_pairs", 1) * max(count, 1))
         if estimable and not 0.5 < exp_t < 2.0:
             warnings.warn(
-                f"AdversarialGuide: E_p[exp T] = {exp_t:.3g}, far from 1: the estimated ratio "
+                f"AdversarialGuide: E_p[exp T] = {exp_t:.3g} over the last {count} "
+                "discriminator steps, far from 1: the estimated ratio "
                 "is off. Use the residual ratio (residual=True), more discriminator_steps or "
                 "warmup_steps, or a lower learning rate for the guide.",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        gap = d.get("held_out_gap", 0.0)
-        if gap > 4 * d.get("held_out_gap_se", 0.0) + 0.01:  # beyond Monte-Carlo error
+        # The mean held-out gap of the steps since the last check, against its standard error
+        # across those steps (a single step's gap is too noisy to act on).
+        gaps, self._gap_window = torch.tensor(self._gap_window), []
+        if len(gaps) < 2:
+            return
+        gap, se = gaps.mean().item(), (gaps.var() / len(gaps)).sqrt().item()
+        if gap > 4 * se + 0.01:
             warnings.warn(
                 f"AdversarialGuide: E_qk[T] is {gap:+.3g} higher on the pairs the "
-                "discriminator was trained on than on fresh ones: it is overfitting (few "
-                "datapoints?). Use more data per step or a smaller discriminator.",
+                f"discriminator was just trained on than on fresh draws of z (mean of "
+                f"{len(gaps)} steps): it is overfitting. Use more data per step, fewer "
+                "discriminator steps or a smaller discriminator.",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -503,3 +503,66 @@ def test_training_is_deterministic_under_pyro_set_rng_seed():
 
     (w1, d1), (w2, d2) = run(), run()
     assert torch.equal(w1, w2) and d1 == d2
+
+
+class ConstantLogit(torch.nn.Module):
+    """A discriminator stuck at logit ``c`` (its one parameter gets zero gradient)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, f):
+        return self.c + 0.0 * self.unused + f.new_zeros(f.shape[:-1] + (1,))
+
+
+class Memorizer(ConstantLogit):
+    """A discriminator that recognises the exact pairs it was trained on (logit 5) and knows
+    nothing else (logit 0): the extreme of overfitting."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.seen = torch.zeros(0, 5)
+
+    def forward(self, f):
+        if torch.is_grad_enabled():  # a training step: remember the pairs
+            self.seen = torch.cat([self.seen, f.detach()])
+            return super().forward(f)
+        known = (f.unsqueeze(-2) == self.seen).all(-1).any(-1, keepdim=True)
+        return 5.0 * known.to(f.dtype)
+
+
+def test_warns_when_e_p_exp_t_is_far_from_one():
+    # T = 2 everywhere: E_p[exp T] = e^2 = 7.39 while the plug-in KL (2) is estimable.
+    lg = LinearGaussian()
+    adversarial = AdversarialGuide(
+        exact_posterior_guide(lg), discriminator=ConstantLogit(2.0), residual=False, warmup_steps=0
+    )
+    with pytest.warns(RuntimeWarning, match=r"E_p\[exp T\] = 7.39 over the last 100"):
+        for _ in range(200):  # checks every 100 steps, from the second window on
+            adversarial.loss(lg.model, lg.data())
+
+
+def test_warns_when_the_discriminator_overfits_its_training_pairs():
+    lg = LinearGaussian()
+    adversarial = AdversarialGuide(
+        exact_posterior_guide(lg), discriminator=Memorizer(), residual=False, warmup_steps=0
+    )
+    with pytest.warns(RuntimeWarning, match=r"\+5 higher on the pairs .* overfitting"):
+        for _ in range(200):
+            adversarial.loss(lg.model, lg.data())
+    assert adversarial.diagnostics["held_out_gap"] == pytest.approx(5.0)
+
+
+def test_a_healthy_run_does_not_warn():
+    # The exact guide with the default residual discriminator: 200 steps, no warning (warnings
+    # are errors in this suite).
+    lg = LinearGaussian()
+    adversarial = AdversarialGuide(exact_posterior_guide(lg), warmup_steps=50)
+    for _ in range(200):
+        adversarial.loss(lg.model, lg.data())
+    assert (
+        abs(adversarial.diagnostics["held_out_gap"])
+        < 5 * adversarial.diagnostics["held_out_gap_se"] + 0.01
+    )
