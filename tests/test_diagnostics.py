@@ -150,6 +150,14 @@ def test_posterior_predictive_check_flags_heavy_tails():
     assert misfit["sd"]["p_value"] < 0.01  # replicated data are never as spread out
     with pytest.raises(ValueError, match="scalar per data set"):
         posterior_predictive_check(model, guide, normal, statistics={"x": lambda v: v["x"]})
+    with pytest.raises(ValueError, match="at least one statistic"):
+        posterior_predictive_check(model, guide, normal, statistics={})
+
+    def unobserved(x):
+        pyro.sample("mu", dist.Normal(0.0, 10.0))
+
+    with pytest.raises(ValueError, match="no observed site"):
+        posterior_predictive_check(unobserved, guide, normal, statistics=statistics)
 
 
 def test_plots_draw(tmp_path):

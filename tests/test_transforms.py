@@ -95,3 +95,8 @@ def test_spline_is_monotone_and_maps_the_interval_onto_itself():
     assert y[0].item() == pytest.approx(-3.0, abs=1e-5) and y[-1].item() == pytest.approx(
         3.0, abs=1e-5
     )
+
+
+def test_autoregressive_layer_needs_two_dimensions():
+    with pytest.raises(ValueError, match="input_dim >= 2; for one dimension use"):
+        ConditionalSplineAutoregressive(1, 3)
