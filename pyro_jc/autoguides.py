@@ -1,7 +1,8 @@
 """Amortized autoguides: guides built from a model alone that map observations to a posterior
 over every latent site (a diagonal normal or a conditional normalizing flow).
 
-Every latent is mapped to unconstrained space with :func:`~torch.distributions.biject_to`, the
+Every latent is mapped to unconstrained space with :func:`~torch.distributions.biject_to`
+(or, for intervals, optionally :class:`~pyro_jc.transforms.SoftIntervalTransform`), the
 unconstrained values are joined into one vector ``u`` and ``q(u | x)`` is a distribution
 conditioned on an embedding of the (standardized) observations. Samples are pushed back
 through the bijections, so they never leave a bounded prior's support.
@@ -24,7 +25,8 @@ import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
 from torch import nn
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
+from torch.distributions.transforms import IndependentTransform
 
 from .joints import (
     ObservationArguments,
@@ -36,7 +38,11 @@ from .joints import (
     sample_sites,
 )
 from .nn import MLP, DeepSet, Standardize
-from .transforms import ConditionalSplineAutoregressive, ConditionalSplineCoupling
+from .transforms import (
+    ConditionalSplineAutoregressive,
+    ConditionalSplineCoupling,
+    SoftIntervalTransform,
+)
 
 _AUTOREGRESSIVE = ("affine_autoregressive", "spline_autoregressive")
 _FLOW_TRANSFORMS = (
@@ -70,12 +76,33 @@ class AutoAmortizedGuide(PyroModule):
         must return ``(..., context_dim)``. Default: an MLP, or a DeepSet for i.i.d. sets.
     :param int context_dim: output size of the default embedding.
     :param hidden_dims: hidden widths of the default embedding.
+    :param str interval_transform: how latents with an interval support (``Uniform``,
+        ``Beta``, ...) reach unconstrained space: ``"sigmoid"`` (default; ``biject_to``'s
+        logistic map, best when posteriors pile up against a bound) or ``"soft"``
+        (:class:`~pyro_jc.transforms.SoftIntervalTransform`, the identity in the interior:
+        best for box priors whose posteriors lie inside the box, the usual case in
+        simulation-based inference; it relies on the latent standardization that
+        :class:`~pyro_jc.ForwardKL` fits from simulations, elsewhere call
+        :meth:`standardize` with prior draws first). Either way samples never leave the
+        support.
     """
 
     def __init__(
-        self, model, *, observations=None, embedding=None, context_dim=64, hidden_dims=(64, 64)
+        self,
+        model,
+        *,
+        observations=None,
+        embedding=None,
+        context_dim=64,
+        hidden_dims=(64, 64),
+        interval_transform="sigmoid",
     ):
+        if interval_transform not in ("sigmoid", "soft"):
+            raise ValueError(
+                f"interval_transform must be 'sigmoid' or 'soft', got {interval_transform!r}."
+            )
         super().__init__(name=type(self).__name__)
+        self.interval_transform = interval_transform
         self._model = (model,)  # a tuple keeps a model nn.Module out of this module's children
         self._arguments = ObservationArguments(model, observations)
         self._embedding_arg = embedding
@@ -150,7 +177,7 @@ class AutoAmortizedGuide(PyroModule):
         event_shape = site["fn"].event_shape
         batch_shape = site["value"].shape[: site["value"].dim() - len(event_shape)]
         batch_shape = (1,) * (self._nesting - len(batch_shape)) + tuple(batch_shape)
-        transform = biject_to(site["fn"].support)
+        transform = self._unconstraining(site["fn"].support)
         unconstrained = tuple(transform.inv.forward_shape(event_shape))
         frames = [f for f in data_frames(site) if f != self._frame]
         if self._local:
@@ -177,6 +204,17 @@ class AutoAmortizedGuide(PyroModule):
             "frames": frames,
             "size": size,
         }
+
+    def _unconstraining(self, support):
+        """The bijection from unconstrained space onto ``support``."""
+        if self.interval_transform == "soft":
+            base, ndims = support, 0
+            if isinstance(base, constraints.independent):
+                base, ndims = base.base_constraint, base.reinterpreted_batch_ndims
+            if isinstance(base, (constraints.interval, constraints.half_open_interval)):
+                soft = SoftIntervalTransform(base.lower_bound, base.upper_bound)
+                return IndependentTransform(soft, ndims) if ndims else soft
+        return biject_to(support)
 
     def _build_embedding(self, in_dim):
         if self._embedding_arg is not None:

@@ -261,3 +261,101 @@ class _SplineTransform(Transform):
         if last is not None and (x is last[0] or y is last[1]):
             return last[2]
         return self.layer._spline(x, self.context, inverse=False)[1]
+
+
+class SoftIntervalTransform(Transform):
+    """Bijection from the real line onto the interval ``(low, high)`` that is the identity
+    (up to a shift) in the interior: with centre ``c``, half-width ``r`` and ``v = u / r``,
+
+    .. math:: \\theta = c + r\\,\\frac{v}{(1 + |v|^p)^{1/p}}.
+
+    Pyro's ``biject_to`` uses a sigmoid, which bends the interior (a point at 70% of the
+    half-width is stretched twice as much as the centre), so a flow over the unconstrained
+    value must first undo that curvature before it can fit a posterior inside the interval.
+    With ``p = 16`` this map is within 1% of the identity up to 75% of the half-width and
+    compresses only the last few percent near the bounds. Samples never leave the interval;
+    a posterior piled up against a bound is better served by the sigmoid.
+
+    :param low: lower bound (tensor or float).
+    :param high: upper bound.
+    :param float power: ``p``, the sharpness of the shoulder.
+
+    >>> import torch
+    >>> t = SoftIntervalTransform(torch.tensor(0.0), torch.tensor(1.0))
+    >>> u = torch.tensor([-100.0, 0.0, 0.1, 100.0])
+    >>> theta = t(u)
+    >>> bool(((theta > 0) & (theta < 1)).all()), round(float(theta[2] - theta[1]), 4)
+    (True, 0.1)
+    """
+
+    bijective = True
+    domain = constraints.real
+
+    def __init__(self, low, high, power=16.0, cache_size=0):
+        super().__init__(cache_size=cache_size)
+        self.low, self.high, self.power = low, high, power
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self):
+        return constraints.interval(self.low, self.high)
+
+    def with_cache(self, cache_size=1):
+        if self._cache_size == cache_size:
+            return self
+        return SoftIntervalTransform(self.low, self.high, self.power, cache_size=cache_size)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, SoftIntervalTransform)
+            and self.power == other.power
+            and _same(self.low, other.low)
+            and _same(self.high, other.high)
+        )
+
+    def _centre_radius(self):
+        return (self.high + self.low) / 2, (self.high - self.low) / 2
+
+    def _log1p_pow(self, v):
+        """``log(1 + |v|^p)``, finite with finite gradients everywhere (also at 0 and large v)."""
+        a, p = v.abs(), self.power
+        small = torch.log1p(a.clamp(max=1) ** p)
+        large = p * a.clamp(min=1).log() + torch.log1p(a.clamp(min=1) ** -p)
+        return torch.where(a <= 1, small, large)
+
+    def _call(self, u):
+        c, r = self._centre_radius()
+        v = u / r
+        t = v * torch.exp(-self._log1p_pow(v) / self.power)
+        eps = torch.finfo(t.dtype).eps
+        theta = c + r * t.clamp(-1 + eps, 1 - eps)
+        # Rounding of c + r t can still land on a bound (where e.g. Uniform's density is 0).
+        low = torch.as_tensor(self.low, dtype=theta.dtype, device=theta.device)
+        high = torch.as_tensor(self.high, dtype=theta.dtype, device=theta.device)
+        inside_low, inside_high = torch.nextafter(low, high), torch.nextafter(high, low)
+        return torch.minimum(torch.maximum(theta, inside_low), inside_high)
+
+    def _inverse(self, theta):
+        c, r = self._centre_radius()
+        eps = torch.finfo(theta.dtype).eps
+        t = ((theta - c) / r).clamp(-1 + eps, 1 - eps)
+        a, p = t.abs(), self.power
+        # log(1 - |t|^p): direct near 0 (finite gradient), via expm1 near 1 (no cancellation).
+        near_zero = torch.log1p(-(a.clamp(max=0.5) ** p))
+        near_one = torch.log(-torch.expm1(p * a.clamp(min=0.5).log()))
+        log_gap = torch.where(a <= 0.5, near_zero, near_one)
+        return r * t * torch.exp(-log_gap / p)
+
+    def log_abs_det_jacobian(self, u, theta):
+        _, r = self._centre_radius()
+        return -(1 + 1 / self.power) * self._log1p_pow(u / r)
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and a.shape == b.shape
+            and bool((a == b).all())
+        )
+    return a == b

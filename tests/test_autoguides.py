@@ -11,6 +11,7 @@ from exact import LinearGaussian
 from pyro.infer import SVI, Predictive
 
 from pyro_jc import AutoAmortizedFlow, AutoAmortizedNormal, ForwardKL, JointContrastiveELBO
+from pyro_jc.transforms import SoftIntervalTransform
 
 GUIDES = {
     "normal": AutoAmortizedNormal,
@@ -86,15 +87,49 @@ def test_bounded_latents_never_leave_the_support(kind):
     assert (samples["probs"] >= 0).all()
 
 
-@pytest.mark.parametrize("transform", ["spline_coupling", "affine_autoregressive"])
-def test_density_integrates_to_one_on_a_bounded_support(transform):
+@pytest.mark.parametrize("kind", ["normal", "nsf"])
+def test_soft_interval_latents_never_leave_a_box(kind):
+    low, high = torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 5.0])
+
+    def model(x):
+        theta = pyro.sample("theta", dist.Uniform(low, high).to_event(1))
+        pyro.sample("x", dist.Normal(theta, 0.1).to_event(1), obs=x)
+
+    extra = {"init_scale": 30.0} if kind == "normal" else {}
+    guide = GUIDES[kind](model, interval_transform="soft", **extra)
+    x = torch.zeros(2)
+    guide(x)
+    transform = guide._latent_layout[0]["transform"]
+    assert isinstance(transform.base_transform, SoftIntervalTransform)
+    theta = guide.sample_posterior(100 * torch.randn(5, 2), num_samples=2000)["theta"]
+    assert ((theta > low) & (theta < high)).all()
+    assert (theta < low + 0.01).any() and (theta > high - 0.01).any()  # the bounds are reached
+
+
+def test_interval_transform_is_checked():
+    with pytest.raises(ValueError, match="interval_transform must be 'sigmoid' or 'soft'"):
+        AutoAmortizedNormal(bounded_model, interval_transform="logit")
+
+
+@pytest.mark.parametrize(
+    "transform, interval",
+    [
+        ("spline_coupling", "sigmoid"),
+        ("affine_autoregressive", "sigmoid"),
+        ("spline_coupling", "soft"),
+    ],
+)
+def test_density_integrates_to_one_on_a_bounded_support(transform, interval):
     def model(x):
         r = pyro.sample("r", dist.Beta(2.0, 2.0))
         pyro.sample("x", dist.Normal(r, 0.1), obs=x)
 
-    guide = AutoAmortizedFlow(model, transform=transform)
+    guide = AutoAmortizedFlow(model, transform=transform, interval_transform=interval)
     x = torch.tensor(0.3)
     guide(x)  # setup
+    # As ForwardKL does: latents standardized from prior draws (unstandardized, the soft map
+    # would put half the mass within 1e-4 of the bounds, off the grid).
+    guide.standardize(latents={"r": dist.Beta(2.0, 2.0).sample((4000,))})
     for p in guide.layers.parameters():  # a non-trivial flow, not the identity at init
         torch.nn.init.normal_(p, std=0.05)
     grid = torch.linspace(1e-4, 1 - 1e-4, 4001)

@@ -1,5 +1,6 @@
 """Every script in examples/ is listed here and runs with tiny arguments."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -41,9 +42,12 @@ SMOKE_ARGS = {
     "benchmark_forward_kl.py": ["--csis-seconds", "0.5", "--rounds", "1", "--steps", "2"],
     "benchmark_sbi.py": [
         "--tasks",
-        "gaussian_linear",
+        "two_moons",
         "--budgets",
         "300",
+        "--seeds",
+        "0",
+        "1",
         "--observations",
         "1",
         "--fresh-seconds",
@@ -112,11 +116,14 @@ def test_benchmark_sbi(tmp_path, capsys):
     module = load("benchmark_sbi.py")
     args = module.parse_args(SMOKE_ARGS["benchmark_sbi.py"] + ["--out", str(tmp_path)])
     bank, fresh = module.main(args)
+    assert [row["seed"] for row in bank] == [0, 1]
     for side in ("pyro_jc", "sbi"):
         assert 0.0 <= bank[0][side]["c2st"][0] <= 1.0
     assert fresh[0]["pyro_jc"]["simulations"] > 0
     assert (tmp_path / "results.json").exists()
-    assert "Fresh-simulation mode" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Fresh-simulation mode" in out
+    assert re.search(r"two_moons +300 +2 ", out)  # one line for both seeds
 
 
 def test_explaining_away(tmp_path):
