@@ -24,6 +24,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
+from pyro.params import param_with_module_name
 from torch import nn
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import IndependentTransform
@@ -109,6 +110,7 @@ class AutoAmortizedGuide(PyroModule):
         self.context_dim = context_dim
         self.hidden_dims = tuple(hidden_dims)
         self.prototype_trace = None
+        self._param_names = None
 
     # -- prototype --------------------------------------------------------------------------
 
@@ -333,9 +335,46 @@ class AutoAmortizedGuide(PyroModule):
             return context.reshape(prefix + tuple(aux_batch) + context.shape[-1:])
         return context.reshape(prefix + (1,) * self._nesting + context.shape[-1:])
 
+    def __getattr__(self, name):
+        # PyroModule registers every parameter of an nn.Module child (walking its submodules)
+        # on each attribute read; forward registers them all once instead (_register_params).
+        modules = self.__dict__.get("_modules")
+        if (
+            modules is not None
+            and name in modules
+            and not isinstance(modules[name], PyroModule)
+            and not pyro.settings.get("module_local_params")
+        ):
+            return modules[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            self.__dict__["_param_names"] = None  # a new child: list the parameters again
+
+    def _register_params(self):
+        """``pyro.param`` for every trainable parameter, under the names ``pyro.module``
+        would give them, so that SVI sees (and optimizes) the guide's parameters. (With
+        Pyro's ``module_local_params`` setting, PyroModule's own attribute reads do it.)"""
+        if pyro.settings.get("module_local_params"):
+            return
+        if self._param_names is None:
+            prefix = self._pyro_name + "." if self._pyro_name else ""
+            self._param_names = [
+                (param_with_module_name(prefix + child, name), p)
+                for child, module in self.named_children()
+                if not isinstance(module, PyroModule)
+                for name, p in module.named_parameters()
+                if p.requires_grad
+            ]
+        for name, p in self._param_names:
+            pyro.param(name, p)
+
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._register_params()
         if self._local:
             frame = self._frame
             subsampled = frame.full_size not in (None, frame.size)
@@ -559,8 +598,6 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         base = dist.Normal(context.new_zeros(d), context.new_ones(d))
         base = base.expand(context.shape[:-1] + (d,)).to_event(1)
         transforms = []
-        # Read each submodule once: every PyroModule attribute read of an nn.Module
-        # registers all its parameters with pyro.param again.
         layers = self.layers
         for i, layer in enumerate(layers):
             t = layer.condition(context)

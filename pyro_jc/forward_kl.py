@@ -17,6 +17,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import effectful
 
 from .distributions import INVALID_KEY, SimulatorSites
 from .errors import MissingGuideSiteError, NonFiniteError, PlateShapeError
@@ -207,12 +209,14 @@ class ForwardKL(ELBO):
     def _log_q(self, guide, args, kwargs, latents, sims, plate_size, obs):
         """``log q(z | x)`` per simulation, shape ``(plate_size,)`` (or ``(1,)``)."""
         guide_args, guide_kwargs = self._arguments.substitute(obs, sims, args, kwargs)
-        replayed = poutine.replay(guide, trace=values_trace(latents))
+        hoisted = _HoistParams()
+        replayed = poutine.replay(hoisted(guide), trace=values_trace(latents))
         if plate_size is not None:
             dim = -self.max_plate_nesting - 1
             replayed = pyro.plate(PARTICLE_PLATE, plate_size, dim=dim)(replayed)
         with SimulatorSites():
             guide_trace = poutine.trace(replayed).get_trace(*guide_args, **guide_kwargs)
+        hoisted.restate()
         self._check_guide(guide_trace, latents)
         compute_log_prob(
             guide_trace,
@@ -570,6 +574,25 @@ class SimulationBank:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+class _HoistParams(Messenger):
+    """Stops the guide's ``param`` statements at the guide (they still return their values)
+    and, with :meth:`restate`, makes the same statements again outside ForwardKL's handlers.
+    Each handler between a statement and SVI's parameter capture (simulation plate, guide
+    trace, replay) costs time per parameter, and a flow guide has dozens of tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.statements = {}  # by name: a parameter stated twice is captured once anyway
+
+    def _pyro_param(self, msg):
+        self.statements[msg["name"]] = msg
+        msg["stop"] = True
+
+    def restate(self):
+        for name, msg in self.statements.items():
+            effectful(msg["fn"], type="param")(*msg["args"], name=name, **msg["kwargs"])
 
 
 def _broadcast(a, b):

@@ -1,10 +1,11 @@
-"""Conditional rational-quadratic spline coupling: the neural spline flow layer (Durkan et al.,
-2019) that Pyro lacks in conditional coupling form.
+"""Conditional rational-quadratic spline layers: the neural spline flow (Durkan et al., 2019)
+in coupling and autoregressive form, and :class:`SoftIntervalTransform`, a bijection onto an
+interval that leaves its interior as it is.
 
-Pyro's conditional spline transforms use linear-order rational splines and are autoregressive
-(one pass in one direction only); this layer is a coupling layer, so density evaluation
-(:class:`~pyro_jc.ForwardKL`) and sampling (reparameterized ELBOs, posterior draws) are both
-one pass.
+Pyro's conditional spline transforms use linear-order rational splines; these layers use
+rational-quadratic ones. The coupling layer is one pass in both directions, so density
+evaluation (:class:`~pyro_jc.ForwardKL`) and sampling (reparameterized ELBOs, posterior draws)
+are both cheap; the autoregressive layer is one pass in its density direction.
 
 **Reference:** Durkan, Bekasov, Murray and Papamakarios, *Neural Spline Flows*, NeurIPS 2019.
 """

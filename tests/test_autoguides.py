@@ -244,3 +244,15 @@ def test_mixed_and_discrete_latents_are_refused():
         AutoAmortizedNormal(discrete)(torch.zeros(()))
     with pytest.raises(ValueError, match="transform must be one of"):
         AutoAmortizedFlow(discrete, transform="planar")
+
+
+def test_parameters_are_listed_again_when_a_child_module_changes():
+    guide = AutoAmortizedFlow(bounded_model, num_transforms=1)
+    x = torch.randn(4, 5)
+    guide(x)
+    listed = {id(p) for _, p in guide._param_names}
+    assert listed == {id(p) for p in guide.parameters()}
+    guide.embedding = torch.nn.Linear(5, guide.context_dim)  # e.g. a user's own embedding
+    assert guide._param_names is None
+    guide._register_params()
+    assert {id(p) for _, p in guide._param_names} == {id(p) for p in guide.parameters()}

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pyro.infer import SVI
 
 from pyro_jc import (
+    AutoAmortizedFlow,
     ForwardKL,
     Implicit,
     ImplicitDensityError,
@@ -401,3 +402,60 @@ def test_fit_needs_a_bank():
         ForwardKL(
             simulations={"latents": {"z": torch.zeros(3)}, "observations": {"x": torch.zeros(3)}}
         )
+
+
+class ParamStatements(pyro.poutine.messenger.Messenger):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def _pyro_param(self, msg):
+        self.names.append(msg["name"])
+
+
+def test_guide_parameters_reach_svi_once_each():
+    """ForwardKL states the guide's params outside its own handlers (one param site per
+    tensor, under pyro.module's names), so SVI still captures and optimizes all of them."""
+    lg = LinearGaussian.random(d=2, m=3, sigma=0.5, dtype=torch.float32)
+    model = single_model(lg)
+    x = lg.sample(1, seed=0)[0]
+    loss = ForwardKL(num_particles=16)
+    for guide in (LinearGuide(2, 3, dtype=torch.float32), AutoAmortizedFlow(model)):
+        pyro.clear_param_store()
+        loss.loss_and_grads(model, guide, x)  # set-up step
+        with ParamStatements() as statements:  # outermost, where SVI's capture is
+            loss.loss_and_grads(model, guide, x)
+        names = statements.names
+        store = pyro.get_param_store()
+        assert sorted(names) == sorted(store.keys()) and len(names) == len(set(names))
+        expected = {"guide$$$W", "guide$$$c", "guide$$$log_s"}
+        if isinstance(guide, AutoAmortizedFlow):
+            expected = {n for n, p in guide.named_parameters()}
+            expected = {n.replace(".", "$$$", 1) for n in expected}
+            expected = {"AutoAmortizedFlow." + n for n in expected}
+        assert set(names) == expected
+        params = [store[n].unconstrained() for n in names]
+        assert all(p.grad is not None for p in params)
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), loss)
+    before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    svi.step(x)
+    moved = [n for n, p in guide.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)  # every tensor was optimized
+
+
+def test_module_local_params_keep_the_param_store_empty():
+    """With Pyro's module-local parameters (training with a torch optimizer on
+    differentiable_loss), the guide's parameters get gradients and never enter the store."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    pyro.clear_param_store()
+    with pyro.settings.context(module_local_params=True):
+        guide = AutoAmortizedFlow(model, num_transforms=1)
+        loss = ForwardKL(num_particles=8)
+        loss.differentiable_loss(model, guide, torch.zeros(2)).backward()
+    assert all(p.grad is not None for p in guide.parameters())
+    assert len(pyro.get_param_store()) == 0
