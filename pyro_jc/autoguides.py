@@ -274,7 +274,7 @@ class AutoAmortizedGuide(PyroModule):
 
     @property
     def is_standardized(self):
-        return self.prototype_trace is not None and bool(self.latent_standardize.fitted)
+        return self.prototype_trace is not None and self.latent_standardize.is_fitted
 
     # -- latents ----------------------------------------------------------------------------
 
@@ -324,7 +324,7 @@ class AutoAmortizedGuide(PyroModule):
     def _context(self, args, kwargs, index=None):
         observations = self._read(args, kwargs)
         x = self._features(observations, index)
-        if not bool(self.obs_standardize.fitted) and x.reshape(-1, x.shape[-1]).shape[0] > 1:
+        if not self.obs_standardize.is_fitted and x.reshape(-1, x.shape[-1]).shape[0] > 1:
             self.obs_standardize.fit(x)
         context = self.embedding(self.obs_standardize(x))
         prefix = self._prefix(observations)

@@ -53,6 +53,18 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("fitted", torch.tensor(False))
         self.min_std = min_std
+        self._known_fitted = False  # Python mirror of `fitted` once True: no device sync
+
+    @property
+    def is_fitted(self):
+        """Whether :meth:`fit` has set the statistics (read from the device once)."""
+        if not self._known_fitted:
+            self._known_fitted = bool(self.fitted)
+        return self._known_fitted
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_fitted = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def fit(self, x):

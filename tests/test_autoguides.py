@@ -256,3 +256,20 @@ def test_parameters_are_listed_again_when_a_child_module_changes():
     assert guide._param_names is None
     guide._register_params()
     assert {id(p) for _, p in guide._param_names} == {id(p) for p in guide.parameters()}
+
+
+def test_standardize_fits_once_and_follows_its_state(device):
+    from pyro_jc.nn import Standardize
+
+    s = Standardize(3).to(device)
+    x = torch.randn(500, 3, device=device) * torch.tensor([2.0, 0.5, 0.0], device=device) + 1.0
+    assert not s.is_fitted and torch.equal(s(x), x)  # the identity until fitted
+    unfitted = {k: v.clone() for k, v in s.state_dict().items()}
+    s.fit(x)
+    assert s.is_fitted
+    y = s(x)
+    assert torch.allclose(y[:, :2].mean(0), torch.zeros(2, device=device), atol=1e-5)
+    assert torch.allclose(y[:, :2].std(0), torch.ones(2, device=device), atol=1e-5)
+    assert s.std[2] == 1.0  # a constant feature keeps unit scale
+    s.load_state_dict(unfitted)
+    assert not s.is_fitted and torch.equal(s(x), x)

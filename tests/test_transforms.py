@@ -111,15 +111,15 @@ def test_autoregressive_layer_needs_two_dimensions():
 @given(
     low=st.floats(-5, 5),
     width=st.floats(0.01, 10),
-    power=st.sampled_from([4.0, 8.0, 16.0]),
+    softness=st.sampled_from([0.02, 0.05, 0.2]),
     seed=st.integers(0, 2**16),
 )
-def test_soft_interval_is_a_bijection_with_exact_log_det(low, width, power, seed):
+def test_soft_interval_is_a_bijection_with_exact_log_det(low, width, softness, seed):
     low = torch.tensor(low, dtype=torch.float64)
-    t = SoftIntervalTransform(low, low + width, power)
+    t = SoftIntervalTransform(low, low + width, softness)
     g = torch.Generator().manual_seed(seed)
-    # Up to 1.5 half-widths out: farther, theta sits within float precision of a bound.
-    u = width / 2 * (3 * torch.rand(50, generator=g, dtype=torch.float64) - 1.5)
+    # Up to 1.25 half-widths out: farther, theta sits within float precision of a bound.
+    u = width / 2 * (2.5 * torch.rand(50, generator=g, dtype=torch.float64) - 1.25)
     theta = t(u)
     assert ((theta > low) & (theta < low + width)).all()
     assert torch.allclose(t.inv(theta), u, atol=1e-6 * width)
