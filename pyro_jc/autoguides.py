@@ -79,10 +79,10 @@ class AutoAmortizedGuide(PyroModule):
     :param hidden_dims: hidden widths of the default embedding.
     :param str interval_transform: how latents with an interval support (``Uniform``,
         ``Beta``, ...) reach unconstrained space: ``"sigmoid"`` (default; ``biject_to``'s
-        logistic map, best when posteriors pile up against a bound) or ``"soft"``
-        (:class:`~pyro_jc.transforms.SoftIntervalTransform`, the identity in the interior:
-        best for box priors whose posteriors lie inside the box, the usual case in
-        simulation-based inference; it relies on the latent standardization that
+        logistic map, whose log-odds suit a normal guide for posteriors squeezed against a
+        bound) or ``"soft"`` (:class:`~pyro_jc.transforms.SoftIntervalTransform`, the
+        identity in the interior: the better choice for a flow over box priors, the usual
+        case in simulation-based inference; it relies on the latent standardization that
         :class:`~pyro_jc.ForwardKL` fits from simulations, elsewhere call
         :meth:`standardize` with prior draws first). Either way samples never leave the
         support.

@@ -10,6 +10,7 @@ density is evaluated. This is neural posterior estimation, as an SVI loss.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -592,7 +593,13 @@ class _HoistParams(Messenger):
 
     def restate(self):
         for name, msg in self.statements.items():
-            effectful(msg["fn"], type="param")(*msg["args"], name=name, **msg["kwargs"])
+            _param_statement(msg["fn"])(*msg["args"], name=name, **msg["kwargs"])
+
+
+@functools.lru_cache(maxsize=16)
+def _param_statement(fn):
+    # One wrapper per function (usually the param store's get_param), not one per statement.
+    return effectful(fn, type="param")
 
 
 def _broadcast(a, b):

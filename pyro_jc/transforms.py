@@ -352,7 +352,8 @@ class SoftIntervalTransform(Transform):
         L = (1 - t.abs()) / d
         log_expm1 = L + torch.log(-torch.expm1(-L))
         a = 1 + d * torch.log1p(-torch.exp(L - 2 / d)) - d * log_expm1
-        return r * torch.sign(t) * a
+        # sign(t) a has a zero gradient at t = 0, where the slope is 1 (to within e^(-1/d)).
+        return r * torch.where(t == 0, t, torch.sign(t) * a)
 
     def log_abs_det_jacobian(self, u, theta):
         _, r = self._centre_radius()

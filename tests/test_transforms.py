@@ -147,3 +147,4 @@ def test_soft_interval_extremes_stay_inside_with_finite_gradients():
     back = t.inv(edges)  # values on the bounds themselves (float rounding) map to finite u
     back.sum().backward()
     assert torch.isfinite(back).all() and torch.isfinite(edges.grad).all()
+    assert torch.allclose(edges.grad[2], torch.ones(2))  # the slope at the centre
