@@ -2,13 +2,15 @@
 
 Each sbibm task is written as an ordinary Pyro model whose likelihood is sbibm's own
 simulator used as a black box (``pyro_jc.Implicit``). Both sides use the same network family
-(a 5-layer masked autoregressive flow with 50 hidden units, z-scored inputs) and sbi's
-training defaults (batch 200, learning rate 5e-4, 10% validation, patience 20, gradient
-clipping at 5):
+(5 flow layers with 50 hidden units: neural spline flows by default, ``--flow maf`` for
+masked affine ones; z-scored inputs) and sbi's training defaults (batch 200, learning rate
+5e-4, 10% validation, patience 20, gradient clipping at 5). pyro_jc maps the box priors to
+unconstrained space with ``interval_transform="soft"``; sbi rejects samples outside the box.
 
-* bank mode: one bank of ``N`` simulations per task and budget, given to both
-  ``sbi.inference.NPE`` and ``pyro_jc.ForwardKL(simulations=bank)``; training wall time of
-  each and the C2ST (sbibm's published metric) of 10 reference posteriors;
+* bank mode: per task, budget and seed (``--seeds``), one bank of ``N`` simulations given to
+  both ``sbi.inference.NPE`` and ``pyro_jc.ForwardKL(simulations=bank)``; training wall time
+  of each and the C2ST (sbibm's published metric) of 10 reference posteriors, averaged over
+  observations and seeds;
 * fresh-simulation mode: a fixed wall-clock budget. pyro_jc trains ``ForwardKL`` on fresh
   simulations each step until the budget is spent (1000 per step, learning rate 1e-3: new
   simulations cannot be overfit); sbi, which needs its simulations up front,
