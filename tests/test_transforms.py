@@ -135,10 +135,12 @@ def test_soft_interval_is_the_identity_in_the_interior():
     assert (t.log_abs_det_jacobian(u, theta).exp() > 0.985).all()
 
 
-def test_soft_interval_extremes_stay_inside_with_finite_gradients():
-    low, high = torch.tensor([0.0, -2.0]), torch.tensor([1.0, 3.0])
+def test_soft_interval_extremes_stay_inside_with_finite_gradients(device):
+    low = torch.tensor([0.0, -2.0], device=device)
+    high = torch.tensor([1.0, 3.0], device=device)
     t = SoftIntervalTransform(low, high)
-    u = torch.tensor([[-1e30, 1e30], [0.0, 0.0], [1e-30, -1e-30]], requires_grad=True)
+    u = torch.tensor([[-1e30, 1e30], [0.0, 0.0], [1e-30, -1e-30]], device=device)
+    u.requires_grad_()
     theta = t(u)
     assert ((theta > low) & (theta < high)).all()
     (theta.sum() + t.log_abs_det_jacobian(u, theta).sum()).backward()
@@ -147,4 +149,4 @@ def test_soft_interval_extremes_stay_inside_with_finite_gradients():
     back = t.inv(edges)  # values on the bounds themselves (float rounding) map to finite u
     back.sum().backward()
     assert torch.isfinite(back).all() and torch.isfinite(edges.grad).all()
-    assert torch.allclose(edges.grad[2], torch.ones(2))  # the slope at the centre
+    assert torch.allclose(edges.grad[2], torch.ones(2, device=device))  # slope at the centre
