@@ -106,6 +106,17 @@ def test_soft_interval_latents_never_leave_a_box(kind):
     assert (theta < low + 0.01).any() and (theta > high - 0.01).any()  # the bounds are reached
 
 
+def test_soft_interval_covers_every_interval_constraint():
+    guide = AutoAmortizedNormal(bounded_model, interval_transform="soft")
+    C = torch.distributions.constraints
+    for support in (C.unit_interval, C.interval(-2.0, 3.0), C.half_open_interval(0.0, 1.0)):
+        assert isinstance(guide._unconstraining(support), SoftIntervalTransform)
+    box = guide._unconstraining(C.independent(C.interval(torch.zeros(2), torch.ones(2)), 1))
+    assert isinstance(box.base_transform, SoftIntervalTransform)
+    # Other supports keep biject_to's map.
+    assert guide._unconstraining(C.positive) == torch.distributions.biject_to(C.positive)
+
+
 def test_interval_transform_is_checked():
     with pytest.raises(ValueError, match="interval_transform must be 'sigmoid' or 'soft'"):
         AutoAmortizedNormal(bounded_model, interval_transform="logit")

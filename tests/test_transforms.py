@@ -150,3 +150,18 @@ def test_soft_interval_extremes_stay_inside_with_finite_gradients(device):
     back.sum().backward()
     assert torch.isfinite(back).all() and torch.isfinite(edges.grad).all()
     assert torch.allclose(edges.grad[2], torch.ones(2, device=device))  # slope at the centre
+
+
+def test_soft_interval_caches_and_compares_like_torch_transforms():
+    low, high = torch.tensor([0.0, -1.0]), torch.tensor([1.0, 2.0])
+    t = SoftIntervalTransform(low, high)
+    cached = t.with_cache(1)
+    assert cached is not t and cached.with_cache(1) is cached and cached == t
+    u = torch.randn(3, 2)
+    theta = cached(u)
+    assert cached.inv(theta) is u  # the cache returns the input itself
+    assert t != SoftIntervalTransform(low, high, softness=0.1)
+    assert t != SoftIntervalTransform(low, high + 1)
+    # Composed as Pyro does for a box prior (IndependentTransform caches through its base).
+    composed = torch.distributions.transforms.IndependentTransform(t, 1).with_cache(1)
+    assert torch.equal(composed(u), theta)
