@@ -10,7 +10,6 @@ density is evaluated. This is neural posterior estimation, as an SVI loss.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import warnings
 
@@ -19,7 +18,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import effectful
+from pyro.poutine.runtime import apply_stack
 
 from .distributions import INVALID_KEY, SimulatorSites
 from .errors import MissingGuideSiteError, NonFiniteError, PlateShapeError
@@ -592,14 +591,20 @@ class _HoistParams(Messenger):
         msg["stop"] = True
 
     def restate(self):
-        for name, msg in self.statements.items():
-            _param_statement(msg["fn"])(*msg["args"], name=name, **msg["kwargs"])
-
-
-@functools.lru_cache(maxsize=16)
-def _param_statement(fn):
-    # One wrapper per function (usually the param store's get_param), not one per statement.
-    return effectful(fn, type="param")
+        # The values are known: a message that arrives with its value skips the param store.
+        for msg in self.statements.values():
+            apply_stack(
+                {
+                    **msg,
+                    "value": msg["value"],
+                    "cond_indep_stack": (),
+                    "done": False,
+                    "stop": False,
+                    "continuation": None,
+                    "scale": 1.0,
+                    "mask": None,
+                }
+            )
 
 
 def _broadcast(a, b):
