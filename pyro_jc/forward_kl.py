@@ -596,7 +596,6 @@ class _HoistParams(Messenger):
             apply_stack(
                 {
                     **msg,
-                    "value": msg["value"],
                     "cond_indep_stack": (),
                     "done": False,
                     "stop": False,
