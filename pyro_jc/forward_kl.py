@@ -17,6 +17,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
+from pyro.optim import PyroLRScheduler
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import apply_stack
 
@@ -388,20 +389,40 @@ class ForwardKL(ELBO):
                 count += log_q.numel()
         return -total / count
 
-    def fit(self, svi, *args, max_epochs=None, patience=20, progress=False, **kwargs):
+    def fit(
+        self,
+        svi,
+        *args,
+        max_epochs=None,
+        patience=20,
+        lr_decays=2,
+        lr_factor=0.2,
+        decay_patience=5,
+        progress=False,
+        **kwargs,
+    ):
         """Train on the simulation bank with early stopping: run epochs of ``svi.step`` over
-        the training split, evaluate the validation split after each epoch, stop after
-        ``patience`` epochs without improvement and restore the parameters (param store and,
-        for an ``nn.Module`` guide, its state) of the best epoch.
+        the training split and evaluate the validation split after each epoch. When
+        ``patience`` epochs pass without improvement, the parameters of the best epoch are
+        restored and, up to ``lr_decays`` times, training goes on from them with the learning
+        rate multiplied by ``lr_factor`` (and ``decay_patience`` epochs of patience); then it
+        stops. The guide left behind is the best one seen (param store and, for an
+        ``nn.Module`` guide, its state).
 
         :param pyro.infer.SVI svi: an SVI object whose loss is this ``ForwardKL``.
         :param args: the model's arguments (the real data where the guide's data argument
             goes).
         :param int max_epochs: upper bound on epochs (default: no bound).
-        :param int patience: epochs without validation improvement before stopping.
+        :param int patience: epochs without validation improvement before the first stop.
+        :param int lr_decays: how many times to go on at a lower learning rate (``0``: stop
+            at the first stop, as sbi does). Skipped when ``svi.optim`` is a learning-rate
+            scheduler, which owns the learning rate.
+        :param float lr_factor: learning-rate multiplier at each decay.
+        :param int decay_patience: patience after a decay.
         :param bool progress: show a tqdm progress bar over epochs.
         :returns: ``{"train_loss": [...], "validation_loss": [...], "best_epoch": int,
-            "epochs": int}`` (losses per epoch, nats per pair).
+            "epochs": int, "decay_epochs": [...]}`` (losses per epoch, nats per pair; the
+            epochs after which the learning rate was lowered).
         """
         if self.bank is None:
             raise ValueError(
@@ -410,12 +431,20 @@ class ForwardKL(ELBO):
             )
         if getattr(svi.loss_and_grads, "__self__", None) is not self:
             raise ValueError("fit(svi): svi must have been built with loss=this ForwardKL.")
+        if not 0 < lr_factor < 1:
+            raise ValueError(f"fit: lr_factor must lie in (0, 1), got {lr_factor}.")
         epochs = range(max_epochs) if max_epochs is not None else _count()
         if progress:
             from tqdm.auto import tqdm
 
             epochs = tqdm(epochs, desc="ForwardKL epochs")
-        history = {"train_loss": [], "validation_loss": [], "best_epoch": -1, "epochs": 0}
+        history = {
+            "train_loss": [],
+            "validation_loss": [],
+            "best_epoch": -1,
+            "epochs": 0,
+            "decay_epochs": [],
+        }
         best, best_state, stale = math.inf, None, 0
         for epoch in epochs:
             losses = [svi.step(*args, **kwargs) for _ in range(self.bank.batches_per_epoch)]
@@ -428,10 +457,18 @@ class ForwardKL(ELBO):
             if val < best:
                 best, stale, history["best_epoch"] = val, 0, epoch
                 best_state = _snapshot(svi.guide)
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
+                continue
+            stale += 1
+            if stale < patience:
+                continue
+            if len(history["decay_epochs"]) == lr_decays or not _scale_learning_rate(
+                svi.optim, lr_factor
+            ):
+                break
+            # Go on from the best guide with smaller steps.
+            _restore(svi.guide, best_state)
+            history["decay_epochs"].append(epoch)
+            stale, patience = 0, decay_patience
         if best_state is not None:
             _restore(svi.guide, best_state)
         return history
@@ -604,6 +641,29 @@ class _HoistParams(Messenger):
                     "mask": None,
                 }
             )
+
+
+def _scale_learning_rate(optim, factor):
+    """Multiply the learning rate of every torch optimizer behind ``optim`` by ``factor``;
+    ``False`` (nothing changed) for a learning-rate scheduler or an unknown optimizer."""
+    if isinstance(optim, PyroLRScheduler):
+        return False
+    if getattr(optim, "optimizer", None) is not None:  # pyro_jc.optim.SingleOptimizer
+        optimizers = [optim.optimizer]
+    else:
+        optimizers = list(getattr(optim, "optim_objs", {}).values())
+    if not optimizers:
+        return False
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+        # Parameters that join later start at the lowered rate too.
+        if "lr" in optimizer.defaults:
+            optimizer.defaults["lr"] *= factor
+    args = getattr(optim, "pt_optim_args", None)
+    if isinstance(args, dict) and "lr" in args:
+        optim.pt_optim_args = {**args, "lr": args["lr"] * factor}
+    return True
 
 
 def _broadcast(a, b):

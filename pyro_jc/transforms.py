@@ -39,22 +39,11 @@ def _knots(unnormalized, bound):
     """Bin sizes (softmax with a floor) and the cumulative knot positions on ``[-bound, bound]``."""
     num_bins = unnormalized.shape[-1]
     sizes = _MIN_BIN + (1.0 - _MIN_BIN * num_bins) * torch.softmax(unnormalized, -1)
-    cum = F.pad(torch.cumsum(sizes, -1), (1, 0))
-    cum = 2.0 * bound * cum - bound
-    # Pin the ends exactly so rounding cannot leave a gap at the interval's edges.
-    cum = torch.cat(
-        [
-            torch.full_like(cum[..., :1], -bound),
-            cum[..., 1:-1],
-            torch.full_like(cum[..., :1], bound),
-        ],
-        -1,
-    )
+    inner = 2.0 * bound * torch.cumsum(sizes[..., :-1], -1) - bound
+    # The ends are pinned exactly so rounding cannot leave a gap at the interval's edges.
+    end = torch.full_like(inner[..., :1], bound)
+    cum = torch.cat([-end, inner, end], -1)
     return cum[..., 1:] - cum[..., :-1], cum
-
-
-def _gather(params, index):
-    return params.gather(-1, index.unsqueeze(-1)).squeeze(-1)
 
 
 def rational_quadratic_spline(inputs, widths, heights, derivatives, bound, inverse=False):
@@ -81,17 +70,19 @@ def rational_quadratic_spline(inputs, widths, heights, derivatives, bound, inver
     """
     inside = (inputs > -bound) & (inputs < bound)
     x = inputs.clamp(-bound, bound)
-    widths, cum_widths = _knots(_soft_clip(widths, _LOG_RANGE / 2), bound)
-    heights, cum_heights = _knots(_soft_clip(heights, _LOG_RANGE / 2), bound)
+    # Widths and heights share each step (one kernel each instead of two).
+    sizes, cum = _knots(_soft_clip(torch.stack([widths, heights]), _LOG_RANGE / 2), bound)
     slopes = F.pad(_soft_clip(derivatives, _LOG_RANGE).exp(), (1, 1), value=1.0)
 
-    knots = cum_heights if inverse else cum_widths
-    index = torch.searchsorted(knots[..., 1:-1].contiguous(), x.unsqueeze(-1).contiguous()).squeeze(
-        -1
+    knots = cum[1] if inverse else cum[0]
+    index = torch.searchsorted(knots[..., 1:-1].contiguous(), x.unsqueeze(-1).contiguous())
+    # Everything the bin's formula needs, gathered at once.
+    table = torch.cat(
+        [cum[..., :-1], sizes, slopes[..., :-1].unsqueeze(0), slopes[..., 1:].unsqueeze(0)]
     )
-    x_k, w = _gather(cum_widths[..., :-1], index), _gather(widths, index)
-    y_k, h = _gather(cum_heights[..., :-1], index), _gather(heights, index)
-    d_k, d_k1 = _gather(slopes[..., :-1], index), _gather(slopes[..., 1:], index)
+    x_k, y_k, w, h, d_k, d_k1 = (
+        table.gather(-1, index.expand(table.shape[:-1] + (1,))).squeeze(-1).unbind(0)
+    )
     s = h / w
     curvature = d_k1 + d_k - 2 * s
 

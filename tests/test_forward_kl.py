@@ -19,6 +19,7 @@ from pyro_jc import (
     MissingGuideSiteError,
     ObservationArgumentError,
     PlateShapeError,
+    optim,
     simulate,
 )
 
@@ -212,9 +213,10 @@ def test_bank_training_simulates_nothing_and_stops_early(tmp_path):
     assert not set(loss.bank.validation_index.tolist()) & set(loss.bank.train_index.tolist())
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
     calls.clear()
-    history = loss.fit(svi, x, max_epochs=300, patience=5)
+    history = loss.fit(svi, x, max_epochs=300, patience=5, lr_decays=0)
     assert calls == []
     assert history["epochs"] == history["best_epoch"] + 6 < 300
+    assert history["decay_epochs"] == []
     # The best guide is restored: its validation loss is the best one seen.
     best = min(history["validation_loss"])
     assert history["validation_loss"][history["best_epoch"]] == best
@@ -222,6 +224,55 @@ def test_bank_training_simulates_nothing_and_stops_early(tmp_path):
     # Posterior: precision 1 + 5 * 4 = 21, mean 4 sum(x) / 21.
     assert guide.a.item() == pytest.approx(4 / 21, abs=0.03)
     assert guide.log_s.exp().item() == pytest.approx(21**-0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("optimizer", ["pyro", "pyro_jc", "scheduler"])
+def test_fit_lowers_the_learning_rate_after_a_plateau_and_keeps_the_best_guide(optimizer):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = counting_model([])
+    x = torch.zeros(5)
+    bank = simulate(model, x, num_simulations=1000)
+    guide = MeanGuide()
+    loss = ForwardKL(num_particles=100, simulations=bank)
+    optim_ = {
+        "pyro": pyro.optim.Adam({"lr": 0.05}),
+        "pyro_jc": optim.Adam({"lr": 0.05}),
+        "scheduler": pyro.optim.ExponentialLR(
+            {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "gamma": 1.0}
+        ),
+    }[optimizer]
+    svi = SVI(model, guide, optim_, loss)
+    history = loss.fit(
+        svi, x, max_epochs=500, patience=3, lr_decays=2, lr_factor=0.5, decay_patience=2
+    )
+    if optimizer == "scheduler":  # the scheduler owns the learning rate: plain early stopping
+        assert history["decay_epochs"] == []
+        assert history["epochs"] == history["best_epoch"] + 4
+        return
+    assert len(history["decay_epochs"]) == 2
+    # The first decay comes after `patience` stale epochs, the stop after `decay_patience`.
+    first = history["decay_epochs"][0]
+    assert min(history["validation_loss"][: first - 2]) < min(
+        history["validation_loss"][first - 2 : first + 1]
+    )
+    assert history["epochs"] == max(history["best_epoch"], history["decay_epochs"][-1]) + 3
+    torch_optimizers = (
+        [optim_.optimizer] if optimizer == "pyro_jc" else list(optim_.optim_objs.values())
+    )
+    lrs = [g["lr"] for o in torch_optimizers for g in o.param_groups]
+    assert lrs and lrs == pytest.approx([0.05 * 0.25] * len(lrs))
+    best = min(history["validation_loss"])
+    assert loss.validation_loss(model, guide, x) == pytest.approx(best, abs=1e-6)
+
+
+def test_fit_rejects_a_learning_rate_factor_outside_0_1():
+    model = counting_model([])
+    bank = simulate(model, torch.zeros(5), num_simulations=100)
+    loss = ForwardKL(num_particles=10, simulations=bank)
+    svi = SVI(model, MeanGuide(), optim.Adam({"lr": 0.05}), loss)
+    with pytest.raises(ValueError, match="lr_factor"):
+        loss.fit(svi, torch.zeros(5), lr_factor=1.5)
 
 
 def test_simulate_one_pair_at_a_time_has_the_vectorized_layout():
