@@ -280,6 +280,9 @@ def main(args):
     import sbibm
 
     torch.set_num_threads(1)
+    # A torch optimizer's first construction imports torch._dynamo (about a second): pay it
+    # here, not in whichever side trains first.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     bank_rows, fresh_rows, k = [], [], 0
     for name in args.tasks:
         task = sbibm.get_task(name)
