@@ -433,6 +433,11 @@ class ForwardKL(ELBO):
             raise ValueError("fit(svi): svi must have been built with loss=this ForwardKL.")
         if not 0 < lr_factor < 1:
             raise ValueError(f"fit: lr_factor must lie in (0, 1), got {lr_factor}.")
+        if lr_decays < 0 or decay_patience < 1 or patience < 1:
+            raise ValueError(
+                "fit: lr_decays must be >= 0 and patience, decay_patience >= 1; got "
+                f"{lr_decays}, {patience}, {decay_patience}."
+            )
         epochs = range(max_epochs) if max_epochs is not None else _count()
         if progress:
             from tqdm.auto import tqdm
@@ -461,7 +466,7 @@ class ForwardKL(ELBO):
             stale += 1
             if stale < patience:
                 continue
-            if len(history["decay_epochs"]) == lr_decays or not _scale_learning_rate(
+            if len(history["decay_epochs"]) >= lr_decays or not _scale_learning_rate(
                 svi.optim, lr_factor
             ):
                 break

@@ -266,13 +266,22 @@ def test_fit_lowers_the_learning_rate_after_a_plateau_and_keeps_the_best_guide(o
     assert loss.validation_loss(model, guide, x) == pytest.approx(best, abs=1e-6)
 
 
-def test_fit_rejects_a_learning_rate_factor_outside_0_1():
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"lr_factor": 1.5}, "lr_factor"),
+        ({"lr_factor": 0.0}, "lr_factor"),
+        ({"lr_decays": -1}, "lr_decays"),
+        ({"decay_patience": 0}, "decay_patience"),
+    ],
+)
+def test_fit_checks_its_schedule(bad, match):
     model = counting_model([])
     bank = simulate(model, torch.zeros(5), num_simulations=100)
     loss = ForwardKL(num_particles=10, simulations=bank)
     svi = SVI(model, MeanGuide(), optim.Adam({"lr": 0.05}), loss)
-    with pytest.raises(ValueError, match="lr_factor"):
-        loss.fit(svi, torch.zeros(5), lr_factor=1.5)
+    with pytest.raises(ValueError, match=match):
+        loss.fit(svi, torch.zeros(5), **bad)
 
 
 def test_simulate_one_pair_at_a_time_has_the_vectorized_layout():
