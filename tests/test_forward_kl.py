@@ -264,6 +264,16 @@ def test_fit_lowers_the_learning_rate_after_a_plateau_and_keeps_the_best_guide(o
     assert lrs and lrs == pytest.approx([0.05 * 0.25] * len(lrs))
     best = min(history["validation_loss"])
     assert loss.validation_loss(model, guide, x) == pytest.approx(best, abs=1e-6)
+    # A parameter that joins after the decays starts at the lowered rate too.
+    late = pyro.param("late", torch.zeros(1)).unconstrained()
+    late.grad = torch.ones(1)
+    optim_([late])
+    group = (
+        optim_.optimizer.param_groups[-1]
+        if optimizer == "pyro_jc"
+        else optim_.optim_objs[late].param_groups[0]
+    )
+    assert group["lr"] == pytest.approx(0.05 * 0.25)
 
 
 @pytest.mark.parametrize(
