@@ -4,8 +4,8 @@ Each sbibm task is written as an ordinary Pyro model whose likelihood is sbibm's
 simulator used as a black box (``pyro_jc.Implicit``). Both sides use the same network family
 (5 flow layers with 50 hidden units: neural spline flows by default, ``--flow maf`` for
 masked affine ones; z-scored inputs) and sbi's training defaults (batch 200, learning rate
-5e-4, 10% validation, patience 20, gradient clipping at 5). pyro_jc maps the box priors to
-unconstrained space with ``interval_transform="soft"``; sbi rejects samples outside the box.
+5e-4, 10% validation, patience 20, gradient clipping at 5). pyro_jc ends its flow on the box
+priors with ``interval_transform="box"``; sbi rejects samples outside the box.
 
 * bank mode: per task, budget and seed (``--seeds``), one bank of ``N`` simulations given to
   both ``sbi.inference.NPE`` and ``pyro_jc.ForwardKL(simulations=bank)``; training wall time
@@ -74,9 +74,10 @@ def make_guide(model, flow):
         count_bins=10,  # as sbi's nsf (10 bins); pyro_jc's default interval (5, sbi's is 3)
         bound=5.0,
         embedding=torch.nn.Identity(),  # as sbi: the flow is conditioned on z-scored x
-        # Box priors with posteriors inside: no sigmoid bending the interior (sbi models theta
-        # itself and rejects samples that leak out of the box; this map cannot leak).
-        interval_transform="soft",
+        # Box priors: a clamp that leaves the interior as it is, then a spline of the box onto
+        # itself for posteriors cut by a face (sbi models theta itself and rejects samples
+        # that leak out of the box; this guide cannot leak).
+        interval_transform="box",
     )
 
 

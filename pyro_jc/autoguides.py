@@ -2,7 +2,8 @@
 over every latent site (a diagonal normal or a conditional normalizing flow).
 
 Every latent is mapped to unconstrained space with :func:`~torch.distributions.biject_to`
-(or, for intervals, optionally :class:`~pyro_jc.transforms.SoftIntervalTransform`), the
+(or, for intervals, optionally :class:`~pyro_jc.transforms.SoftIntervalTransform`, or the unit
+box that a flow's last layers clamp into and reshape: ``interval_transform="box"``), the
 unconstrained values are joined into one vector ``u`` and ``q(u | x)`` is a distribution
 conditioned on an embedding of the (standardized) observations. Samples are pushed back
 through the bijections, so they never leave a bounded prior's support.
@@ -40,9 +41,12 @@ from .joints import (
 )
 from .nn import MLP, DeepSet, Standardize
 from .transforms import (
+    ConditionalBoxSplineAutoregressive,
     ConditionalSplineAutoregressive,
     ConditionalSplineCoupling,
+    OnCoordinates,
     SoftIntervalTransform,
+    UnitBoxToInterval,
 )
 
 _AUTOREGRESSIVE = ("affine_autoregressive", "spline_autoregressive")
@@ -52,6 +56,10 @@ _FLOW_TRANSFORMS = (
     "spline_autoregressive",
     "affine_coupling",
 )
+_INTERVAL_TRANSFORMS = ("sigmoid", "soft", "box")
+# The clamp before a flow's box layer: softer than "soft"'s default, as the box layer, not
+# the clamp, shapes the density near the faces.
+_BOX_SOFTNESS = 0.1
 
 
 def _numel(shape):
@@ -84,8 +92,11 @@ class AutoAmortizedGuide(PyroModule):
         identity in the interior: the better choice for a flow over box priors, the usual
         case in simulation-based inference; it relies on the latent standardization that
         :class:`~pyro_jc.ForwardKL` fits from simulations, elsewhere call
-        :meth:`standardize` with prior draws first). Either way samples never leave the
-        support.
+        :meth:`standardize` with prior draws first), or ``"box"``
+        (:class:`AutoAmortizedFlow` only: the soft clamp followed by a learned
+        autoregressive spline of the box onto itself, for posteriors cut by the box; see
+        :class:`~pyro_jc.transforms.ConditionalBoxSplineAutoregressive`). Either way
+        samples never leave the support.
     """
 
     def __init__(
@@ -98,9 +109,10 @@ class AutoAmortizedGuide(PyroModule):
         hidden_dims=(64, 64),
         interval_transform="sigmoid",
     ):
-        if interval_transform not in ("sigmoid", "soft"):
+        if interval_transform not in _INTERVAL_TRANSFORMS:
             raise ValueError(
-                f"interval_transform must be 'sigmoid' or 'soft', got {interval_transform!r}."
+                f"interval_transform must be one of {_INTERVAL_TRANSFORMS}, got "
+                f"{interval_transform!r}."
             )
         super().__init__(name=type(self).__name__)
         self.interval_transform = interval_transform
@@ -164,6 +176,14 @@ class AutoAmortizedGuide(PyroModule):
         }
         self._latent_layout = [self._site_layout(s) for s in latents]
         self.latent_dim = sum(layout["size"] for layout in self._latent_layout)
+        # Coordinates of the joined vector that live in the unit box ("box" intervals).
+        box, offset = [], 0
+        for layout in self._latent_layout:
+            t = layout["transform"]
+            if isinstance(getattr(t, "base_transform", t), UnitBoxToInterval):
+                box.extend(range(offset, offset + layout["size"]))
+            offset += layout["size"]
+        self.register_buffer("box_index", torch.tensor(box, dtype=torch.long) if box else None)
 
         x = self._features(self._read(args, kwargs))
         device, dtype = x.device, x.dtype
@@ -209,14 +229,24 @@ class AutoAmortizedGuide(PyroModule):
 
     def _unconstraining(self, support):
         """The bijection from unconstrained space onto ``support``."""
-        if self.interval_transform == "soft":
+        if self.interval_transform in ("soft", "box"):
             base, ndims = support, 0
             if isinstance(base, constraints.independent):
                 base, ndims = base.base_constraint, base.reinterpreted_batch_ndims
             if isinstance(base, (constraints.interval, constraints.half_open_interval)):
-                soft = SoftIntervalTransform(base.lower_bound, base.upper_bound)
-                return IndependentTransform(soft, ndims) if ndims else soft
+                low, high = base.lower_bound, base.upper_bound
+                # "box": the joined vector holds the unit-box coordinate; the flow clamps.
+                to_support = (
+                    SoftIntervalTransform(low, high)
+                    if self.interval_transform == "soft"
+                    else UnitBoxToInterval(low, high)
+                )
+                return IndependentTransform(to_support, ndims) if ndims else to_support
         return biject_to(support)
+
+    def _box_clamp(self):
+        """The clamp of the joined vector's box coordinates into the unit box."""
+        return IndependentTransform(SoftIntervalTransform(-1.0, 1.0, _BOX_SOFTNESS), 1)
 
     def _build_embedding(self, in_dim):
         if self._embedding_arg is not None:
@@ -270,6 +300,9 @@ class AutoAmortizedGuide(PyroModule):
             self.obs_standardize.fit(x)
         if latents is not None:
             u = self._unconstrained_vector(latents)
+            if self.box_index is not None:  # standardize where the flow is: before the clamp
+                box = self._box_clamp().inv(u.index_select(-1, self.box_index))
+                u = u.index_copy(-1, self.box_index, box)
             self.latent_standardize.fit(u)
 
     @property
@@ -491,6 +524,11 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
     """
 
     def __init__(self, model, *, init_scale=1.0, **kwargs):
+        if kwargs.get("interval_transform") == "box":
+            raise ValueError(
+                "interval_transform='box' ends a flow with a spline of the box: use "
+                "AutoAmortizedFlow, or 'soft' / 'sigmoid' with AutoAmortizedNormal."
+            )
         super().__init__(model, **kwargs)
         self.init_scale = init_scale
 
@@ -530,6 +568,9 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         training). Coupling layers are one pass both ways.
     :param int count_bins: spline bins.
     :param float bound: spline interval half-width (standardized units).
+
+    With ``interval_transform="box"`` the flow ends, on the interval coordinates, with the
+    clamp into the unit box and a box spline layer of the same width and bins.
     """
 
     def __init__(
@@ -592,6 +633,17 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         else:
             perms = [torch.randperm(d, generator=generator) for _ in range(self.num_transforms)]
         self.register_buffer("permutations", torch.stack(perms) if d > 1 else torch.zeros(0))
+        if self.box_index is not None:
+            k = len(self.box_index)
+            self.box_layer = (
+                ConditionalBoxSplineAutoregressive(
+                    k, context_dim, self.flow_hidden_dims, count_bins=self.count_bins
+                )
+                if k > 1
+                else ConditionalSplineCoupling(
+                    1, context_dim, self.flow_hidden_dims, count_bins=self.count_bins, bound=1.0
+                )
+            )
 
     def _posterior(self, context):
         d = self.latent_dim
@@ -608,6 +660,17 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
                 transforms.append(dist.transforms.Permute(self.permutations[i], cache_size=1))
         mean, std = self.latent_standardize.mean, self.latent_standardize.std
         transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
+        if self.box_index is not None:
+            box = self.box_layer.condition(context)
+            if self.fast == "log_prob" and len(self.box_index) > 1:
+                box = box.inv
+            if len(self.box_index) == d:
+                transforms += [self._box_clamp(), box]
+            else:
+                transforms += [
+                    OnCoordinates(self._box_clamp(), self.box_index),
+                    OnCoordinates(box, self.box_index),
+                ]
         return dist.TransformedDistribution(base, transforms)
 
 

@@ -1,6 +1,8 @@
 """Conditional rational-quadratic spline layers: the neural spline flow (Durkan et al., 2019)
-in coupling and autoregressive form, and :class:`SoftIntervalTransform`, a bijection onto an
-interval that leaves its interior as it is.
+in coupling and autoregressive form, :class:`SoftIntervalTransform`, a bijection onto an
+interval that leaves its interior as it is, and the pieces of a flow that ends on a box
+(:class:`ConditionalBoxSplineAutoregressive`, :class:`UnitBoxToInterval`,
+:class:`OnCoordinates`).
 
 Pyro's conditional spline transforms use linear-order rational splines; these layers use
 rational-quadratic ones. The coupling layer is one pass in both directions, so density
@@ -226,6 +228,126 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
         values = values.expand(batch_shape + values.shape[-1:])
         outputs, log_abs_det = rational_quadratic_spline(values, *params, self.bound, inverse)
         return outputs, log_abs_det.sum(-1)
+
+
+class ConditionalBoxSplineAutoregressive(ConditionalSplineAutoregressive):
+    """Conditional autoregressive rational-quadratic spline of the open box ``(-1, 1)^d``
+    onto itself: the last layer of a flow whose coordinates were clamped into the box (see
+    ``interval_transform="box"`` of :class:`~pyro_jc.AutoAmortizedFlow`).
+
+    A flow pushed through a clamp turns a posterior cut by a bound into a tail, and whatever
+    the flow puts past the bound is folded onto it; this layer, acting on the box itself, can
+    reshape each coordinate's conditional right up to the faces. Its masked network sees
+    ``atanh`` of the coordinates it conditions on, which spreads the last percent before
+    each face over a unit-sized range (where the fold lands).
+
+    :param int input_dim: number of box coordinates (at least 2; for one, use
+        :class:`ConditionalSplineCoupling` with ``bound=1``).
+    :param int context_dim: context size.
+    :param hidden_dims: hidden widths of the masked conditioner.
+    :param int count_bins: spline bins.
+    """
+
+    def __init__(self, input_dim, context_dim, hidden_dims=(50, 50), count_bins=10):
+        super().__init__(input_dim, context_dim, hidden_dims, count_bins, bound=1.0)
+
+    def _elementwise(self, values, conditioning, context, inverse):
+        edge = 1 - torch.finfo(conditioning.dtype).eps
+        features = torch.atanh(conditioning.clamp(-edge, edge)) / 3
+        return super()._elementwise(values, features, context, inverse)
+
+
+class UnitBoxToInterval(Transform):
+    """The affine map from ``(-1, 1)`` onto ``(low, high)``, kept strictly inside the
+    interval (rounding could otherwise land a value near a face on the bound itself).
+
+    :param low: lower bound (tensor or float).
+    :param high: upper bound.
+    """
+
+    bijective = True
+    domain = constraints.interval(-1.0, 1.0)
+
+    def __init__(self, low, high, cache_size=0):
+        super().__init__(cache_size=cache_size)
+        self.low, self.high = low, high
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self):
+        return constraints.interval(self.low, self.high)
+
+    def with_cache(self, cache_size=1):
+        if self._cache_size == cache_size:
+            return self
+        return UnitBoxToInterval(self.low, self.high, cache_size=cache_size)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, UnitBoxToInterval)
+            and _same(self.low, other.low)
+            and _same(self.high, other.high)
+        )
+
+    def _bounds(self, like):
+        low = torch.as_tensor(self.low, dtype=like.dtype, device=like.device)
+        high = torch.as_tensor(self.high, dtype=like.dtype, device=like.device)
+        return low, high
+
+    def _call(self, b):
+        low, high = self._bounds(b)
+        theta = (high + low) / 2 + (high - low) / 2 * b
+        return torch.minimum(
+            torch.maximum(theta, torch.nextafter(low, high)), torch.nextafter(high, low)
+        )
+
+    def _inverse(self, theta):
+        low, high = self._bounds(theta)
+        return (theta - (high + low) / 2) / ((high - low) / 2)
+
+    def log_abs_det_jacobian(self, b, theta):
+        low, high = self._bounds(b)
+        return torch.log((high - low) / 2).expand_as(b)
+
+
+class OnCoordinates(Transform):
+    """Apply a transform of vectors (event dim 1) to some coordinates of a vector and leave
+    the others as they are.
+
+    :param Transform transform: acts on ``x[..., index]``.
+    :param torch.Tensor index: the coordinates (a long tensor).
+    """
+
+    bijective = True
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+
+    def __init__(self, transform, index):
+        super().__init__(cache_size=1)
+        self.transform, self.index = transform, index
+        self._last = None
+
+    def _apply(self, value, forward):
+        part = value.index_select(-1, self.index)
+        t = self.transform if forward else self.transform.inv
+        out = t(part)
+        log_abs_det = t.log_abs_det_jacobian(part, out)
+        result = value.index_copy(-1, self.index, out)
+        # Remembered as (x, y, log |dy/dx|) whichever way it was evaluated.
+        self._last = (value, result, log_abs_det) if forward else (result, value, -log_abs_det)
+        return result
+
+    def _call(self, x):
+        return self._apply(x, forward=True)
+
+    def _inverse(self, y):
+        return self._apply(y, forward=False)
+
+    def log_abs_det_jacobian(self, x, y):
+        last = self._last
+        if last is None or not (x is last[0] or y is last[1]):
+            self._apply(x, forward=True)
+            last = self._last
+        return last[2]
 
 
 class _SplineTransform(Transform):

@@ -8,9 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyro_jc.transforms import (
+    ConditionalBoxSplineAutoregressive,
     ConditionalSplineAutoregressive,
     ConditionalSplineCoupling,
+    OnCoordinates,
     SoftIntervalTransform,
+    UnitBoxToInterval,
     rational_quadratic_spline,
 )
 
@@ -102,6 +105,72 @@ def test_spline_is_monotone_and_maps_the_interval_onto_itself():
 def test_autoregressive_layer_needs_two_dimensions():
     with pytest.raises(ValueError, match="input_dim >= 2; for one dimension use"):
         ConditionalSplineAutoregressive(1, 3)
+
+
+# -- the box layer and its helpers ----------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_box_spline_maps_the_box_onto_itself_with_exact_log_det(d, seed):
+    torch.manual_seed(seed)
+    layer = ConditionalBoxSplineAutoregressive(d, 3, (16,), count_bins=6)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    layer = layer.double()
+    context = torch.randn(6, 3, dtype=torch.float64)
+    # Points all over the box, some within 1e-6 of a face (where the fold of a clamp lands).
+    x = torch.rand(6, d, dtype=torch.float64) * 2 - 1
+    x[0] = 1 - 1e-6
+    x[1, 0] = -1 + 1e-6
+    y = layer.condition(context)(x)
+    assert ((y > -1) & (y < 1)).all()
+    assert torch.allclose(layer.condition(context).inv(y), x, atol=1e-7)
+    jac = torch.stack(
+        [torch.autograd.functional.jacobian(layer.condition(context[i]), x[i]) for i in range(6)]
+    )
+    t = layer.condition(context)
+    assert torch.allclose(t.log_abs_det_jacobian(x, t(x)), torch.linalg.slogdet(jac)[1])
+    assert torch.equal(jac.triu(1), torch.zeros_like(jac))  # autoregressive
+
+
+def test_box_spline_conditioner_resolves_the_faces():
+    """Points 1e-3 and 1e-6 from a face get different conditionals (the atanh features):
+    the second coordinate's map differs between them."""
+    torch.manual_seed(0)
+    layer = ConditionalBoxSplineAutoregressive(2, 1, (16,), count_bins=6)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    x = torch.tensor([[1 - 1e-3, 0.3], [1 - 1e-6, 0.3]])
+    y = layer.condition(torch.zeros(2, 1))(x)
+    assert (y[0, 1] - y[1, 1]).abs() > 1e-3
+
+
+def test_unit_box_to_interval_stays_inside_and_inverts():
+    low, high = torch.tensor([0.0, -2.0]), torch.tensor([1.0, 3.0])
+    t = UnitBoxToInterval(low, high)
+    b = torch.tensor([[-1 + 1e-9, 1 - 1e-9], [0.0, 0.5]])
+    theta = t(b)
+    assert ((theta > low) & (theta < high)).all()  # rounding onto a bound is prevented
+    assert torch.allclose(theta[1], torch.tensor([0.5, 1.75]))
+    assert torch.allclose(t.inv(theta[1]), b[1])
+    assert torch.allclose(t.log_abs_det_jacobian(b, theta), ((high - low) / 2).log().expand(2, 2))
+    assert t == UnitBoxToInterval(low.clone(), high.clone()) and t != UnitBoxToInterval(low, 2 * high)
+
+
+def test_on_coordinates_transforms_only_its_coordinates():
+    inner = torch.distributions.transforms.IndependentTransform(SoftIntervalTransform(-1.0, 1.0), 1)
+    t = OnCoordinates(inner, torch.tensor([0, 2]))
+    x = torch.tensor([[0.97, 7.0, -0.5], [0.2, -9.0, 1.04]], dtype=torch.float64)
+    y = t(x)
+    assert torch.equal(y[:, 1], x[:, 1])
+    assert torch.allclose(y[:, [0, 2]], inner(x[:, [0, 2]]))
+    jac = torch.stack([torch.autograd.functional.jacobian(t, x[i]) for i in range(2)])
+    assert torch.allclose(t.log_abs_det_jacobian(x, y), torch.linalg.slogdet(jac)[1])
+    fresh = OnCoordinates(inner, torch.tensor([0, 2]))
+    x_back = fresh.inv(y)
+    assert torch.allclose(x_back, x)
+    assert torch.allclose(fresh.log_abs_det_jacobian(x_back, y), torch.linalg.slogdet(jac)[1])
 
 
 # -- SoftIntervalTransform -----------------------------------------------------------------
