@@ -257,16 +257,10 @@ class ConditionalBoxSplineAutoregressive(ConditionalSplineAutoregressive):
         return super()._elementwise(values, features, context, inverse)
 
 
-class UnitBoxToInterval(Transform):
-    """The affine map from ``(-1, 1)`` onto ``(low, high)``, kept strictly inside the
-    interval (rounding could otherwise land a value near a face on the bound itself).
-
-    :param low: lower bound (tensor or float).
-    :param high: upper bound.
-    """
+class _OntoInterval(Transform):
+    """A bijection onto ``(low, high)`` whose values never round onto a bound."""
 
     bijective = True
-    domain = constraints.interval(-1.0, 1.0)
 
     def __init__(self, low, high, cache_size=0):
         super().__init__(cache_size=cache_size)
@@ -275,6 +269,29 @@ class UnitBoxToInterval(Transform):
     @constraints.dependent_property(is_discrete=False)
     def codomain(self):
         return constraints.interval(self.low, self.high)
+
+    def _bounds(self, like):
+        low = torch.as_tensor(self.low, dtype=like.dtype, device=like.device)
+        high = torch.as_tensor(self.high, dtype=like.dtype, device=like.device)
+        return low, high
+
+    def _strictly_inside(self, theta):
+        # Rounding can land a value next to a bound on it (where e.g. Uniform's density is 0).
+        low, high = self._bounds(theta)
+        return torch.minimum(
+            torch.maximum(theta, torch.nextafter(low, high)), torch.nextafter(high, low)
+        )
+
+
+class UnitBoxToInterval(_OntoInterval):
+    """The affine map from ``(-1, 1)`` onto ``(low, high)``, kept strictly inside the
+    interval (rounding could otherwise land a value near a face on the bound itself).
+
+    :param low: lower bound (tensor or float).
+    :param high: upper bound.
+    """
+
+    domain = constraints.interval(-1.0, 1.0)
 
     def with_cache(self, cache_size=1):
         if self._cache_size == cache_size:
@@ -288,17 +305,9 @@ class UnitBoxToInterval(Transform):
             and _same(self.high, other.high)
         )
 
-    def _bounds(self, like):
-        low = torch.as_tensor(self.low, dtype=like.dtype, device=like.device)
-        high = torch.as_tensor(self.high, dtype=like.dtype, device=like.device)
-        return low, high
-
     def _call(self, b):
         low, high = self._bounds(b)
-        theta = (high + low) / 2 + (high - low) / 2 * b
-        return torch.minimum(
-            torch.maximum(theta, torch.nextafter(low, high)), torch.nextafter(high, low)
-        )
+        return self._strictly_inside((high + low) / 2 + (high - low) / 2 * b)
 
     def _inverse(self, theta):
         low, high = self._bounds(theta)
@@ -381,7 +390,7 @@ class _SplineTransform(Transform):
         return self.layer._spline(x, self.context, inverse=False)[1]
 
 
-class SoftIntervalTransform(Transform):
+class SoftIntervalTransform(_OntoInterval):
     """Bijection from the real line onto the interval ``(low, high)`` that is the identity
     (up to a shift) inside it: a smooth clamp. With centre ``c``, half-width ``r``,
     ``v = u / r`` and ``S(y) = \\delta\\,\\mathrm{softplus}(y / \\delta)``,
@@ -409,16 +418,11 @@ class SoftIntervalTransform(Transform):
     (True, 0.1)
     """
 
-    bijective = True
     domain = constraints.real
 
     def __init__(self, low, high, softness=0.05, cache_size=0):
-        super().__init__(cache_size=cache_size)
-        self.low, self.high, self.softness = low, high, softness
-
-    @constraints.dependent_property(is_discrete=False)
-    def codomain(self):
-        return constraints.interval(self.low, self.high)
+        super().__init__(low, high, cache_size=cache_size)
+        self.softness = softness
 
     def with_cache(self, cache_size=1):
         if self._cache_size == cache_size:
@@ -451,13 +455,7 @@ class SoftIntervalTransform(Transform):
             smooth_relu(v + 1) - smooth_relu(v - 1) - 1,
         )
         eps = torch.finfo(t.dtype).eps
-        theta = c + r * t.clamp(-1 + eps, 1 - eps)
-        # Rounding of c + r t can still land on a bound (where e.g. Uniform's density is 0).
-        low = torch.as_tensor(self.low, dtype=theta.dtype, device=theta.device)
-        high = torch.as_tensor(self.high, dtype=theta.dtype, device=theta.device)
-        return torch.minimum(
-            torch.maximum(theta, torch.nextafter(low, high)), torch.nextafter(high, low)
-        )
+        return self._strictly_inside(c + r * t.clamp(-1 + eps, 1 - eps))
 
     def _inverse(self, theta):
         c, r = self._centre_radius()

@@ -155,7 +155,9 @@ def test_unit_box_to_interval_stays_inside_and_inverts():
     assert torch.allclose(theta[1], torch.tensor([0.5, 1.75]))
     assert torch.allclose(t.inv(theta[1]), b[1])
     assert torch.allclose(t.log_abs_det_jacobian(b, theta), ((high - low) / 2).log().expand(2, 2))
-    assert t == UnitBoxToInterval(low.clone(), high.clone()) and t != UnitBoxToInterval(low, 2 * high)
+    assert t == UnitBoxToInterval(low.clone(), high.clone()) and t != UnitBoxToInterval(
+        low, 2 * high
+    )
 
 
 def test_on_coordinates_transforms_only_its_coordinates():
