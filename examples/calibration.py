@@ -40,9 +40,7 @@ def trained_guide(problem, args):
     guide = AutoAmortizedNormal(problem.model)
     loss = ForwardKL(num_particles=1)  # one simulated data set of batch-size datapoints
     svi = SVI(problem.model, guide, optim.Adam({"lr": 3e-3}), loss)
-    placeholder = torch.zeros(args.batch_size, 3)
-    for _ in range(args.num_steps):
-        svi.step(placeholder)
+    loss.fit(svi, torch.zeros(args.batch_size, 3), num_steps=args.num_steps)
     return guide
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 
 import pyro
@@ -67,7 +68,8 @@ class ForwardKL(ELBO):
     :func:`simulate` and pass it as ``simulations``: each step then takes the next minibatch
     of ``num_particles`` pairs of the bank's training split (reshuffled every epoch) and
     simulates nothing. :meth:`fit` runs epochs with a held-out validation split, early
-    stopping and restoring the best guide.
+    stopping and restoring the best guide. Without a bank, :meth:`fit` trains for a budget
+    of steps or seconds and anneals the learning rate over it.
 
     :param int num_particles: pairs per step (the minibatch size with a bank).
     :param max_plate_nesting: nesting depth of the model's plates; found from one model run
@@ -398,39 +400,74 @@ class ForwardKL(ELBO):
         lr_decays=2,
         lr_factor=0.2,
         decay_patience=5,
+        num_steps=None,
+        seconds=None,
+        anneal=True,
         progress=False,
         **kwargs,
     ):
-        """Train on the simulation bank with early stopping: run epochs of ``svi.step`` over
-        the training split and evaluate the validation split after each epoch. When
-        ``patience`` epochs pass without improvement, the parameters of the best epoch are
-        restored and, up to ``lr_decays`` times, training goes on from them with the learning
-        rate multiplied by ``lr_factor`` (and ``decay_patience`` epochs of patience); then it
+        """Train the guide, in the way that suits where the pairs come from.
+
+        **With a bank** (``ForwardKL(simulations=bank)``): epochs of ``svi.step`` over the
+        training split, the validation split evaluated after each epoch. When ``patience``
+        epochs pass without improvement, the parameters of the best epoch are restored and,
+        up to ``lr_decays`` times, training goes on from them with the learning rate
+        multiplied by ``lr_factor`` (and ``decay_patience`` epochs of patience); then it
         stops. The guide left behind is the best one seen (param store and, for an
         ``nn.Module`` guide, its state).
+
+        **With fresh simulations** (no bank): ``svi.step`` until the budget, ``num_steps``
+        steps or ``seconds`` of wall clock (whichever ends first), is spent. New pairs cannot
+        be overfit, so there is no validation; instead the learning rate follows a cosine
+        from its initial value down to a thousandth of it over the budget [3], which removes
+        most of the step noise from the final guide (on sbibm's ``two_moons``, 60 s of 1,000
+        pairs per step: C2ST 0.58 at a constant 1e-3, 0.51 annealed from 4e-3; see the
+        benchmarks page).
+
+        In both modes a learning-rate scheduler in ``svi.optim`` owns the learning rate: it is
+        neither decayed nor annealed (nor stepped). The optimizer is left at the last rate.
 
         :param pyro.infer.SVI svi: an SVI object whose loss is this ``ForwardKL``.
         :param args: the model's arguments (the real data where the guide's data argument
             goes).
-        :param int max_epochs: upper bound on epochs (default: no bound).
-        :param int patience: epochs without validation improvement before the first stop.
-        :param int lr_decays: how many times to go on at a lower learning rate (``0``: stop
-            at the first stop, as sbi does). Skipped when ``svi.optim`` is a learning-rate
-            scheduler, which owns the learning rate.
-        :param float lr_factor: learning-rate multiplier at each decay.
-        :param int decay_patience: patience after a decay.
-        :param bool progress: show a tqdm progress bar over epochs.
-        :returns: ``{"train_loss": [...], "validation_loss": [...], "best_epoch": int,
-            "epochs": int, "decay_epochs": [...]}`` (losses per epoch, nats per pair; the
-            epochs after which the learning rate was lowered).
+        :param int max_epochs: bank: upper bound on epochs (default: no bound).
+        :param int patience: bank: epochs without validation improvement before the first
+            stop.
+        :param int lr_decays: bank: how many times to go on at a lower learning rate (``0``:
+            stop at the first stop, as sbi does).
+        :param float lr_factor: bank: learning-rate multiplier at each decay.
+        :param int decay_patience: bank: patience after a decay.
+        :param int num_steps: fresh: the number of steps.
+        :param float seconds: fresh: the wall-clock budget in seconds.
+        :param bool anneal: fresh: anneal the learning rate over the budget (``False``: keep
+            it constant).
+        :param bool progress: show a tqdm progress bar (over epochs with a bank, over steps
+            otherwise).
+        :returns: with a bank, ``{"train_loss": [...], "validation_loss": [...],
+            "best_epoch": int, "epochs": int, "decay_epochs": [...]}`` (losses per epoch,
+            nats per pair; the epochs after which the learning rate was lowered); with fresh
+            simulations, ``{"train_loss": [...], "steps": int, "simulations": int,
+            "seconds": float}`` (the loss of every step).
+
+        References
+
+        [3] SGDR: Stochastic Gradient Descent with Warm Restarts, I. Loshchilov, F. Hutter
+        (2017)
         """
-        if self.bank is None:
-            raise ValueError(
-                "fit trains on a simulation bank: construct ForwardKL(simulations=bank). With "
-                "fresh simulations every step nothing can overfit; call svi.step in a loop."
-            )
         if getattr(svi.loss_and_grads, "__self__", None) is not self:
             raise ValueError("fit(svi): svi must have been built with loss=this ForwardKL.")
+        if self.bank is None:
+            if max_epochs is not None:
+                raise ValueError(
+                    "fit: max_epochs bounds training on a bank (ForwardKL(simulations=bank)); "
+                    "with fresh simulations give num_steps or seconds."
+                )
+            return self._fit_fresh(svi, args, kwargs, num_steps, seconds, anneal, progress)
+        if num_steps is not None or seconds is not None:
+            raise ValueError(
+                "fit: with a bank, training ends by early stopping on the validation split "
+                "(bound it with max_epochs); num_steps and seconds budget fresh simulations."
+            )
         if not 0 < lr_factor < 1:
             raise ValueError(f"fit: lr_factor must lie in (0, 1), got {lr_factor}.")
         if lr_decays < 0 or decay_patience < 1 or patience < 1:
@@ -476,6 +513,41 @@ class ForwardKL(ELBO):
             stale, patience = 0, decay_patience
         if best_state is not None:
             _restore(svi.guide, best_state)
+        return history
+
+    def _fit_fresh(self, svi, args, kwargs, num_steps, seconds, anneal, progress):
+        if num_steps is None and seconds is None:
+            raise ValueError(
+                "fit: with fresh simulations (no bank) give a budget, num_steps or seconds."
+            )
+        if (num_steps is not None and num_steps < 1) or (seconds is not None and seconds <= 0):
+            raise ValueError(
+                f"fit: num_steps must be >= 1 and seconds > 0; got {num_steps}, {seconds}."
+            )
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_steps, desc="ForwardKL steps")
+        history = {"train_loss": [], "steps": 0, "simulations": 0, "seconds": 0.0}
+        start, rate = time.perf_counter(), 1.0
+        while True:
+            spent = _budget_spent(history["steps"], num_steps, time.perf_counter() - start, seconds)
+            if spent >= 1:
+                break
+            # The torch optimizers exist from the first step on (Pyro creates them lazily).
+            if anneal and history["steps"] > 0 and rate is not None:
+                new_rate = max(0.5 * (1 + math.cos(math.pi * spent)), _FINAL_RATE)
+                rate = new_rate if _scale_learning_rate(svi.optim, new_rate / rate) else None
+            history["train_loss"].append(svi.step(*args, **kwargs))
+            history["steps"] += 1
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(train=history["train_loss"][-1])
+        if bar is not None:
+            bar.close()
+        history["simulations"] = history["steps"] * self.num_particles
+        history["seconds"] = time.perf_counter() - start
         return history
 
 
@@ -669,6 +741,20 @@ def _scale_learning_rate(optim, factor):
     if isinstance(args, dict) and "lr" in args:
         optim.pt_optim_args = {**args, "lr": args["lr"] * factor}
     return True
+
+
+#: The annealed learning rate ends at this fraction of its initial value.
+_FINAL_RATE = 1e-3
+
+
+def _budget_spent(steps, num_steps, elapsed, seconds):
+    """The share of a fresh-simulation budget spent: the larger of the two, where given."""
+    shares = [0.0]
+    if num_steps is not None:
+        shares.append(steps / num_steps)
+    if seconds is not None:
+        shares.append(elapsed / seconds)
+    return max(shares)
 
 
 def _broadcast(a, b):

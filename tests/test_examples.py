@@ -119,11 +119,13 @@ def test_benchmark_sbi(tmp_path, capsys):
     assert [row["seed"] for row in bank] == [0, 1]
     for side in ("pyro_jc", "sbi"):
         assert 0.0 <= bank[0][side]["c2st"][0] <= 1.0
+    assert [row["seed"] for row in fresh] == [0, 1]
     assert fresh[0]["pyro_jc"]["simulations"] > 0
     assert (tmp_path / "results.json").exists()
     out = capsys.readouterr().out
     assert "Fresh-simulation mode" in out
     assert re.search(r"two_moons +300 +2 ", out)  # one line for both seeds
+    assert re.search(r"two_moons +1 +2 ", out)  # fresh mode too
 
 
 def test_explaining_away(tmp_path):

@@ -465,13 +465,94 @@ def test_model_parameters_warn_and_observations_required():
         ForwardKL(num_particles=2).loss(unobserved, unobserved)
 
 
-def test_fit_needs_a_bank():
-    with pytest.raises(ValueError, match="simulation bank"):
-        ForwardKL().fit(None)
+def test_fit_checks_its_budget():
+    model = counting_model([])
+    bank = simulate(model, torch.zeros(5), num_simulations=100)
+    for loss, bad, match in [
+        (ForwardKL(num_particles=10), {}, "give a budget, num_steps or seconds"),
+        (ForwardKL(num_particles=10), {"num_steps": 0}, "num_steps must be >= 1"),
+        (ForwardKL(num_particles=10), {"seconds": -1.0}, "seconds > 0"),
+        (ForwardKL(num_particles=10), {"max_epochs": 3}, "max_epochs bounds training on a bank"),
+        (ForwardKL(num_particles=10, simulations=bank), {"num_steps": 3}, "early stopping"),
+    ]:
+        svi = SVI(model, MeanGuide(), optim.Adam({"lr": 0.05}), loss)
+        with pytest.raises(ValueError, match=match):
+            loss.fit(svi, torch.zeros(5), **bad)
+    other = SVI(model, MeanGuide(), optim.Adam({"lr": 0.05}), ForwardKL())
+    with pytest.raises(ValueError, match="loss=this ForwardKL"):
+        ForwardKL().fit(other, torch.zeros(5), num_steps=1)
     with pytest.raises(ValueError, match="too small"):
         ForwardKL(
             simulations={"latents": {"z": torch.zeros(3)}, "observations": {"x": torch.zeros(3)}}
         )
+
+
+def _torch_optimizers(optim_):
+    if isinstance(optim_, pyro.optim.PyroLRScheduler):
+        return [scheduler.optimizer for scheduler in optim_.optim_objs.values()]
+    return [optim_.optimizer] if hasattr(optim_, "optimizer") else list(optim_.optim_objs.values())
+
+
+@pytest.mark.parametrize("optimizer", ["pyro", "pyro_jc", "scheduler", "constant"])
+def test_fresh_fit_anneals_the_learning_rate_over_its_steps(optimizer):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    calls = []
+    model, x = counting_model(calls), torch.zeros(5)
+    optim_ = {
+        "pyro": pyro.optim.Adam({"lr": 0.05}),
+        "pyro_jc": optim.Adam({"lr": 0.05}),
+        "constant": optim.Adam({"lr": 0.05}),
+        "scheduler": pyro.optim.ExponentialLR(
+            {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "gamma": 0.5}
+        ),
+    }[optimizer]
+    loss = ForwardKL(num_particles=100)
+    svi = SVI(model, MeanGuide(), optim_, loss)
+    rates, step = [], svi.step
+
+    def recording_step(*args):  # the rate each step was taken at
+        value = step(*args)
+        rates.append([g["lr"] for o in _torch_optimizers(optim_) for g in o.param_groups])
+        return value
+
+    svi.step = recording_step
+    history = loss.fit(svi, x, num_steps=40, anneal=optimizer != "constant")
+    assert history["steps"] == len(history["train_loss"]) == len(rates) == 40
+    assert history["simulations"] == 4000 and calls == [500] * 40  # one batched run per step
+    if optimizer in ("scheduler", "constant"):  # the rate is left alone
+        assert all(r == pytest.approx([0.05] * len(r)) for r in rates)
+        return
+    for k, r in enumerate(rates):
+        expected = 0.05 * max(0.5 * (1 + math.cos(math.pi * k / 40)), 1e-3)
+        assert r == pytest.approx([expected] * len(r), rel=1e-9)
+
+
+def test_fresh_fit_stops_at_whichever_budget_ends_first():
+    model, x = counting_model([]), torch.zeros(5)
+    loss = ForwardKL(num_particles=10)
+    svi = SVI(model, MeanGuide(), optim.Adam({"lr": 0.05}), loss)
+    assert loss.fit(svi, x, num_steps=5, seconds=1e6)["steps"] == 5
+    history = loss.fit(svi, x, num_steps=10**9, seconds=0.2)
+    assert history["seconds"] >= 0.2 and 0 < history["steps"] < 10**9
+    assert history["simulations"] == 10 * history["steps"]
+    # The rate has been annealed below its start.
+    assert svi.optim.optimizer.param_groups[0]["lr"] < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fresh_fit_recovers_the_posterior(seed):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model, x = counting_model([]), torch.zeros(5)
+    guide = MeanGuide()
+    loss = ForwardKL(num_particles=500)
+    svi = SVI(model, guide, optim.Adam({"lr": 0.05}), loss)
+    loss.fit(svi, x, num_steps=400)
+    # Posterior: precision 1 + 5 * 4 = 21, mean 4 sum(x) / 21. Annealed, the last iterate is
+    # within 0.001 and 1% over seeds 0-9; at the constant rate it strays 0.008 and 3%.
+    assert guide.a.item() == pytest.approx(4 / 21, abs=0.003)
+    assert guide.log_s.exp().item() == pytest.approx(21**-0.5, rel=0.02)
 
 
 class ParamStatements(pyro.poutine.messenger.Messenger):
