@@ -14,6 +14,7 @@ from .errors import (
     MissingGuideSiteError,
     NonFiniteError,
     ObservationArgumentError,
+    ObservationShapeError,
     PlateShapeError,
     SimulatorError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "ForwardKL",
     "Implicit",
     "ObservationArgumentError",
+    "ObservationShapeError",
     "SimulatorError",
     "simulate",
     "diagnostics",

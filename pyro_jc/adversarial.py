@@ -26,6 +26,7 @@ from torch.func import functional_call
 from .errors import MissingGuideSiteError
 from .joints import (
     ObservationArguments,
+    check_observed_shapes,
     data_frames,
     find_data_plate,
     in_plate,
@@ -247,6 +248,7 @@ class AdversarialGuide:
         # With gradients on, so that the sites' parameters show whether they are learnable.
         with torch.enable_grad(), poutine.block():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
+        check_observed_shapes(trace)
         frame = find_data_plate(trace)
         latents = latent_sites(trace)
         observed = observed_sites(trace)

@@ -21,6 +21,10 @@ class PlateShapeError(JointContrastiveError):
     """A site's batch shape disagrees with the plates that enclose it."""
 
 
+class ObservationShapeError(JointContrastiveError):
+    """An observed site's data do not have the shape of its distribution (batch and event)."""
+
+
 class SimulatorError(JointContrastiveError):
     """A simulator returned output of the wrong shape, type, or non-finite values."""
 

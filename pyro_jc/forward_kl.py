@@ -27,6 +27,7 @@ from .errors import MissingGuideSiteError, NonFiniteError, PlateShapeError
 from .joints import (
     PARTICLE_PLATE,
     ObservationArguments,
+    check_observed_shapes,
     check_plate_shapes,
     compute_log_prob,
     latent_sites,
@@ -139,6 +140,7 @@ class ForwardKL(ELBO):
             return
         with poutine.block():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
+        check_observed_shapes(trace)
         if self.max_plate_nesting == math.inf:
             self.max_plate_nesting = plate_nesting(trace)
         params = [name for name, site in trace.nodes.items() if site["type"] == "param"]

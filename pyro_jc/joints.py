@@ -28,6 +28,7 @@ from .errors import (
     MissingGuideSiteError,
     NonFiniteError,
     ObservationArgumentError,
+    ObservationShapeError,
     PlateShapeError,
 )
 
@@ -281,6 +282,28 @@ def check_plate_shapes(trace, role, max_plate_nesting):
                 f"{tuple(site['fn'].batch_shape)} disagrees with its plates "
                 f"{_describe_plates(site)}.\n{e}"
             ) from e
+
+
+def check_observed_shapes(trace):
+    """Raise :class:`ObservationShapeError` for an observed site whose data are not shaped
+    like its distribution (up to leading dims of size 1 that the data leave out). Pyro
+    tolerates data that merely broadcast, an extra leading dim of size 1 say, but simulated
+    data take the distribution's shape, so a guide trained on them would meet the real data
+    in another shape."""
+    for site in sample_sites(trace):
+        if not site["is_observed"]:
+            continue
+        data, expected = tuple(site["value"].shape), tuple(site["fn"].shape())
+        padded = (1,) * (len(expected) - len(data)) + data
+        if padded != expected:
+            raise ObservationShapeError(
+                f"Observed site {site['name']!r}: the data have shape {data}, but its "
+                f"distribution (batch {tuple(site['fn'].batch_shape)}, event "
+                f"{tuple(site['fn'].event_shape)}) draws values of shape {expected}, and "
+                "simulations take that shape. Pass data of that shape (e.g. drop a leading "
+                "dim of size 1 with x[0]), or put the extra dims in a pyro.plate or the "
+                "distribution's event shape."
+            )
 
 
 def _describe_plates(site):

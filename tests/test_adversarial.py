@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import SVI
 
-from pyro_jc import AdversarialGuide, Implicit, JointContrastiveELBO, MissingGuideSiteError
+from pyro_jc import (
+    AdversarialGuide,
+    Implicit,
+    JointContrastiveELBO,
+    MissingGuideSiteError,
+    ObservationShapeError,
+)
 
 D, M, SIGMA, N = 2, 3, 0.5, 256
 
@@ -364,6 +370,14 @@ def test_errors_name_the_site_and_the_fix():
 
     with pytest.raises(ValueError, match="data plate"):
         AdversarialGuide(GaussianGuide()).loss(no_plate, x)
+
+    def extra_dim(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ lg.A.T, SIGMA).to_event(1), obs=x.unsqueeze(0))
+
+    with pytest.raises(ObservationShapeError, match=r"'x'.*shape \(1, 8, \d+\)"):
+        AdversarialGuide(GaussianGuide()).loss(extra_dim, x)
 
     def global_latent(x):
         shift = pyro.sample("shift", dist.Normal(0.0, 1.0))

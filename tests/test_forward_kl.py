@@ -18,6 +18,7 @@ from pyro_jc import (
     ImplicitDensityError,
     MissingGuideSiteError,
     ObservationArgumentError,
+    ObservationShapeError,
     PlateShapeError,
     optim,
     simulate,
@@ -463,6 +464,27 @@ def test_model_parameters_warn_and_observations_required():
 
     with pytest.raises(ValueError, match="no observed site"):
         ForwardKL(num_particles=2).loss(unobserved, unobserved)
+
+
+def test_observations_shaped_unlike_their_site_are_refused_early():
+    """Data with an extra leading dim of size 1 (sbi's convention) merely broadcast in Pyro,
+    but simulations take the site's shape: the guide would be trained on (2,) and asked
+    about (1, 2). The loss and simulate both refuse, naming the site, shapes and fix."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(x, 1.0).to_event(1))
+
+    batched = torch.zeros(1, 2)
+    message = r"'x'.*shape \(1, 2\).*event \(2,\).*shape \(2,\).*x\[0\]"
+    with pytest.raises(ObservationShapeError, match=message):
+        ForwardKL(num_particles=2).loss(model, guide, batched)
+    with pytest.raises(ObservationShapeError, match=message):
+        simulate(model, batched, num_simulations=4)
+    assert math.isfinite(ForwardKL(num_particles=2).loss(model, guide, batched[0]))
 
 
 def test_fit_checks_its_budget():
