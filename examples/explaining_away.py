@@ -4,7 +4,7 @@ Two independent causes ``z1, z2 ~ N(0, 1)`` and one noisy observation of their s
 ``x = z1 + z2 + 0.3 eps``. Given ``x`` the causes are strongly anti-correlated: if one is
 large the other need not be. The likelihood is used only as a simulator, and the guide is a
 network fed with noise, ``z = m(x) + L(x) eps``, given no density; an
-``AdversarialGuide`` learns the log density ratio, and ``JointContrastiveELBO`` trains the
+``AdversarialELBO`` learns the log density ratio with its discriminator and trains the
 network. The script prints the guide's posterior moments against the exact ones for several
 ``x`` and plots samples against the exact 1- and 2-sd ellipses.
 
@@ -21,7 +21,7 @@ import torch
 from pyro.infer import SVI
 from torch import nn
 
-from pyro_jc import AdversarialGuide, Implicit, JointContrastiveELBO
+from pyro_jc import AdversarialELBO, Implicit
 
 NOISE = 0.3
 
@@ -100,12 +100,12 @@ def main(args):
     # The implicit guide's entropy is seen only through the discriminator, which must keep up
     # with the guide: with one step per SVI step the minor posterior axis came out too narrow
     # (correlation -0.99 against -0.92); three steps give -0.93 to -0.95.
-    guide = AdversarialGuide(encoder, discriminator_steps=3)
+    loss = AdversarialELBO(discriminator_steps=3)
     # The adversarial game keeps the guide moving around its optimum; decaying the learning
     # rate tenfold over the run lets it settle.
     decay = 0.1 ** (1 / max(args.num_steps, 1))
     optim = pyro.optim.ClippedAdam({"lr": args.learning_rate, "lrd": decay})
-    svi = SVI(model, guide, optim, JointContrastiveELBO())
+    svi = SVI(model, encoder, optim, loss)
     steps = range(args.num_steps)
     if not args.quiet:
         from tqdm.auto import tqdm
@@ -115,7 +115,7 @@ def main(args):
         batch = data[torch.randint(len(data), (args.batch_size,))]
         svi.step(batch)
         if not args.quiet and step % 50 == 0:
-            d = guide.diagnostics
+            d = loss.diagnostics
             steps.set_postfix(kl=d["kl"], accuracy=d["accuracy"], exp_t=d["exp_t_model"])
 
     x_show = torch.tensor([[-2.0], [0.0], [2.0]])
@@ -142,7 +142,7 @@ def main(args):
             results["max_sd_error"], ((sd - exact_sd).abs() / exact_sd).max().item()
         )
         results["max_corr_error"] = max(results["max_corr_error"], abs(corr - exact_corr).item())
-    results["diagnostics"] = dict(guide.diagnostics)
+    results["diagnostics"] = dict(loss.diagnostics)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
-"""A black-box simulator, two likelihood-free losses: ForwardKL against AdversarialGuide.
+"""A black-box simulator, two likelihood-free losses: ForwardKL against AdversarialELBO.
 
 Each datapoint is five draws of a Student-t (3 degrees of freedom) with an unknown location
 and log-scale, simulated in numpy; neither loss evaluates the likelihood. The same amortized
 flow guide is trained twice: with ``ForwardKL`` on fresh model simulations (maximum
-likelihood of the latents, mass-covering), and wrapped in ``AdversarialGuide`` on a data set
+likelihood of the latents, mass-covering), and with ``AdversarialELBO`` on a data set
 (reverse KL through a discriminator's density ratio, mode-seeking). Only the evaluation uses
 the Student-t density: for a few observations the exact posterior is computed on a grid and
 compared with both guides (moments, and both KL directions by quadrature). The script prints
@@ -24,7 +24,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
 
-from pyro_jc import AdversarialGuide, AutoAmortizedFlow, ForwardKL, Implicit, JointContrastiveELBO
+from pyro_jc import AdversarialELBO, AutoAmortizedFlow, ForwardKL, Implicit
 
 DRAWS, DF = 5, 3.0
 PRIOR = {"loc": (0.0, 1.0), "log_scale": (-0.5, 0.5)}
@@ -70,11 +70,11 @@ def train_forward_kl(args, progress):
 
 def train_adversarial(args, data, progress):
     guide = make_guide()
-    adversarial = AdversarialGuide(
-        guide, discriminator_steps=args.discriminator_steps, warmup_steps=args.warmup_steps
+    loss = AdversarialELBO(
+        discriminator_steps=args.discriminator_steps, warmup_steps=args.warmup_steps
     )
-    svi = SVI(model, adversarial, optimizer(args), JointContrastiveELBO())
-    for _ in progress(range(args.num_steps), "AdversarialGuide"):
+    svi = SVI(model, guide, optimizer(args), loss)
+    for _ in progress(range(args.num_steps), "AdversarialELBO"):
         svi.step(data[torch.randint(len(data), (args.batch_size,))])
     return guide
 
@@ -178,7 +178,7 @@ def main(args):
     # Evaluate each guide right after training: the two guides share parameter names in
     # Pyro's param store.
     results, seconds, posteriors = {}, {}, {}
-    for name in ("ForwardKL", "AdversarialGuide"):
+    for name in ("ForwardKL", "AdversarialELBO"):
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         start = time.perf_counter()
@@ -242,7 +242,7 @@ def plot(posteriors, true_latents, path):
             colors="k",
             linewidths=0.8,
         )
-        for name, color in (("ForwardKL", "C0"), ("AdversarialGuide", "C1")):
+        for name, color in (("ForwardKL", "C0"), ("AdversarialELBO", "C1")):
             s = posteriors["samples", name][:500, i]
             ax.scatter(s[:, 0], s[:, 1], s=3, alpha=0.3, color=color, label=name)
         ax.plot(*true_latents[i].tolist(), "r*", ms=10, label="true")

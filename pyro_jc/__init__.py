@@ -4,7 +4,7 @@ Every loss compares the model joint ``p(z, x)`` with the guide joint ``q(z | x) 
 """
 
 from . import diagnostics, optim  # noqa: E402  (pyro_jc.optim.Adam, pyro_jc.diagnostics.sbc)
-from .adversarial import AdversarialGuide
+from .adversarial import AdversarialELBO
 from .autoguides import AutoAmortizedFlow, AutoAmortizedNormal
 from .distributions import Implicit
 from .elbo import JointContrastiveELBO, JointContrastiveMeanFieldELBO
@@ -24,7 +24,7 @@ from .iwelbo import JointContrastiveIWELBO
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdversarialGuide",
+    "AdversarialELBO",
     "AutoAmortizedFlow",
     "AutoAmortizedNormal",
     "ForwardKL",

@@ -1,10 +1,11 @@
-"""Adversarial density-ratio guide: inference when prior, likelihood and guide are implicit.
+"""Adversarial density-ratio loss: inference when prior, likelihood and guide are implicit.
 
 A discriminator ``T(z, x)`` (a logit) is trained by logistic regression to tell pairs of the
 guide joint (data ``x``, ``z ~ q(z | x)``) from pairs of the model joint (``(z, x) ~ p``);
 its Bayes-optimal value is the log density ratio ``log q(z|x) k(x) - log p(z, x)``, whose
-expectation under the guide joint is the joint-contrastive KL (``THEORY.md`` section 3). The
-guide then minimizes ``E_qk[T]`` through its reparameterized samples with ``T`` held fixed.
+expectation under the guide joint is the joint-contrastive KL (see the documentation's
+theory page). The guide then minimizes ``E_qk[T]`` through its reparameterized samples with
+``T`` held fixed.
 
 Pairs are per datapoint: every latent and observed site sits in the model's data plate, and
 ``(z_i, x_i)`` is one pair (the amortized setting, ``k`` the empirical data distribution).
@@ -19,6 +20,7 @@ import warnings
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.elbo import ELBO
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
@@ -26,6 +28,7 @@ from torch.func import functional_call
 from .errors import MissingGuideSiteError
 from .joints import (
     ObservationArguments,
+    check_num_particles,
     check_observed_shapes,
     data_frames,
     find_data_plate,
@@ -45,28 +48,33 @@ from .nn import MLP, Standardize
 _DIVERGENCES = ("kl", "js")
 
 
-class AdversarialGuide:
-    r"""Wrap a guide (explicit or implicit) with a discriminator that estimates the log ratio
-    of the guide joint to the model joint, so that neither the model's prior and likelihood
-    nor the guide needs a density.
+class AdversarialELBO(ELBO):
+    r"""Adversarial joint-contrastive loss: a discriminator estimates the log ratio of the
+    guide joint to the model joint, so that neither the model's prior and likelihood nor the
+    guide needs a density. Use it as the loss of :class:`~pyro.infer.SVI` with an ordinary
+    guide::
 
-    Use it as the guide of :class:`~pyro.infer.SVI` with
-    :class:`~pyro_jc.JointContrastiveELBO`, which hands each step to this object::
+        guide = encoder                        # z_i = net(x_i, noise): no density needed
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), AdversarialELBO())
 
-        guide = AdversarialGuide(encoder)      # encoder: z_i = net(x_i, noise), no density
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), JointContrastiveELBO())
+    The loss owns the discriminator and its optimizer (not Pyro parameters: SVI does not
+    capture them, and the guide's backward pass gives them no gradient). Each
+    :meth:`loss_and_grads` (one SVI step) runs ``discriminator_steps`` logistic-regression
+    steps of the discriminator (label 1: data ``x`` with ``z ~ q(z | x)``; label 0: fresh
+    simulations from the model), ``warmup_steps`` more before the first guide step, then
+    back-propagates the guide loss ``N * mean_i T(z_i, x_i)`` (``"kl"``) or
+    ``N * mean_i softplus(T)`` (``"js"``, the non-saturating ALI/BiGAN form) through the
+    guide's reparameterized draws with the discriminator's parameters held fixed. ``N`` is
+    the data plate's full size, as for the ELBO; ``num_particles`` guide draws per datapoint
+    are averaged (drawn one guide run at a time, whatever ``vectorize_particles``).
+    :meth:`loss` (and so ``svi.evaluate_loss``) evaluates with the current discriminator
+    and trains nothing; :meth:`train_discriminator` trains it alone (the guide held fixed).
 
-    Each SVI step runs ``discriminator_steps`` logistic-regression steps of the discriminator
-    (label 1: data ``x`` with ``z ~ q(z | x)``; label 0: fresh simulations from the model),
-    ``warmup_steps`` more before the first guide step, then returns the guide loss
-    ``N * mean_i T(z_i, x_i)`` (``"kl"``) or ``N * mean_i softplus(T)`` (``"js"``, the
-    non-saturating ALI/BiGAN form), differentiated through the guide's reparameterized draws
-    with the discriminator's parameters held fixed. ``N`` is the data plate's full size, as
-    for the ELBO.
-
-    With ``"kl"`` the fixed point is the KL projection of the posterior on the guide family
-    (for a mean-field Gaussian guide: the reverse-KL mean-field optimum); with ``"js"`` it is
-    the Jensen-Shannon projection, which differs for restricted families.
+    With ``"kl"`` the value estimates the joint KL :math:`\mathrm{KL}[q(z|x)k(x) \| p(z,x)]`
+    (the data entropy included, through the moment-matched ``log k(x)`` below), whose fixed
+    point is the KL projection of the posterior on the guide family (for a mean-field
+    Gaussian guide: the reverse-KL mean-field optimum); with ``"js"`` it is the
+    Jensen-Shannon projection, which differs for restricted families.
 
     **Residual ratio.** With ``residual=True`` the discriminator's logit is
     ``T = r_known + r_gauss + net(z, x)``, where ``r_known`` adds the log densities that
@@ -81,12 +89,12 @@ class AdversarialGuide:
     (``Implicit(..., reparameterized=True)``) get the dual gradient ``-grad E_p[exp T]``
     (``"js"``: ``-grad E_p[softplus T]``) through fresh simulations with ``T`` held fixed.
 
-    The discriminator and its optimizer are not Pyro parameters (SVI does not capture them,
-    and the guide's backward pass gives them no gradient); :meth:`state_dict` and
-    :meth:`load_state_dict` save and restore them.
+    :meth:`state_dict` and :meth:`load_state_dict` save and restore the discriminator and
+    its optimizer (plain tensors: ``torch.save`` and ``torch.load(..., weights_only=True)``).
 
-    :param guide: a Pyro guide (function or ``PyroModule``) whose latent sites are in the
-        model's data plate and reparameterized.
+    :param int num_particles: guide draws per datapoint and step.
+    :param max_plate_nesting: accepted for Pyro's interface (the pairs are per datapoint).
+    :param bool vectorize_particles: accepted for Pyro's interface (see above).
     :param nn.Module discriminator: network from ``(..., features)`` standardized pair
         features (latents, then observations, flattened per datapoint) to a logit
         ``(..., 1)``. Default: an MLP with ``hidden_dims`` and LeakyReLU, zero-initialized
@@ -111,7 +119,9 @@ class AdversarialGuide:
 
     def __init__(
         self,
-        guide,
+        num_particles=1,
+        max_plate_nesting=math.inf,
+        vectorize_particles=False,
         *,
         discriminator=None,
         divergence="kl",
@@ -122,11 +132,16 @@ class AdversarialGuide:
         hidden_dims=(128, 128, 128),
         observations=None,
     ):
+        check_num_particles(num_particles)
         if divergence not in _DIVERGENCES:
             raise ValueError(f"divergence must be one of {_DIVERGENCES}, got {divergence!r}.")
         if discriminator_steps < 1 or warmup_steps < 0:
             raise ValueError("discriminator_steps must be >= 1 and warmup_steps >= 0.")
-        self.guide = guide
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+        )
         self.divergence = divergence
         self.discriminator_steps = discriminator_steps
         self.warmup_steps = warmup_steps
@@ -135,6 +150,7 @@ class AdversarialGuide:
         self.hidden_dims = tuple(hidden_dims)
         self._discriminator_arg = discriminator
         self._observations = observations
+        self._model = None
         self.discriminator = None
         self.optimizer = None
         self._pending_state = None
@@ -142,32 +158,61 @@ class AdversarialGuide:
         # Since the last health check: sum and count of E_p[exp T], and the held-out gaps.
         self._exp_t_window = [0.0, 0]
         self._gap_window = []
-        #: Per-step diagnostics: discriminator ``accuracy``, ``kl`` (plug-in E_qk[T] per
-        #: datapoint), ``exp_t_model`` (E_p[exp T], near 1 when the ratio is right), and
-        #: ``held_out_gap`` (T on the pairs of the last discriminator step minus on fresh
-        #: draws of z for the same data, paired by datapoint; ``held_out_gap_se``).
+        #: Diagnostics of the last call: ``kl`` (plug-in E_qk[T] per datapoint) and, after a
+        #: discriminator step, its ``accuracy``, ``exp_t_model`` (E_p[exp T], near 1 when the
+        #: ratio is right), ``discriminator_loss`` and ``held_out_gap`` (T on the pairs of
+        #: the last discriminator step minus on fresh draws of z for the same data, paired
+        #: by datapoint; ``held_out_gap_se``).
         self.diagnostics = {}
 
-    def __call__(self, *args, **kwargs):
-        return self.guide(*args, **kwargs)
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("AdversarialELBO contrasts pairs; it has no per-trace ELBO.")
 
-    # -- public interface (called by JointContrastiveELBO) ------------------------------------
+    # -- public interface -------------------------------------------------------------------
 
-    def loss(self, model, *args, **kwargs):
-        """Train the discriminator, then estimate the divergence (no guide gradient)."""
+    def loss(self, model, guide, *args, **kwargs):
+        """Estimate the divergence with the current discriminator; trains nothing (the
+        discriminator is built, untrained, on the first call).
+
+        :returns: ``N * mean_i T(z_i, x_i)`` (``"kl"``) or ``N * mean_i softplus(T)``.
+        :rtype: float
+        """
         with torch.no_grad():
-            return self._step(model, args, kwargs).item()
+            return self._step(model, guide, args, kwargs, train=False).item()
 
-    def differentiable_loss(self, model, *args, **kwargs):
-        """Train the discriminator, then return the guide's differentiable loss."""
-        return self._step(model, args, kwargs)
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """Train the discriminator (as a step does), then return the guide's differentiable
+        loss, for training loops that call ``backward`` themselves.
 
-    def loss_and_grads(self, model, *args, **kwargs):
+        :rtype: torch.Tensor
+        """
+        return self._step(model, guide, args, kwargs, train=True)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
         """Train the discriminator, then back-propagate the guide loss into the guide's (and
-        the model's explicit) parameters."""
-        loss = self._step(model, args, kwargs)
-        loss.backward()
+        the model's) parameters.
+
+        :returns: the divergence estimate.
+        :rtype: float
+        """
+        loss = self._step(model, guide, args, kwargs, train=True)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
         return loss.item()
+
+    def train_discriminator(self, model, guide, *args, num_steps=1, **kwargs):
+        """Run ``num_steps`` discriminator steps with the guide held fixed (a warm-up, or the
+        ratio of a frozen guide).
+
+        :returns: :attr:`diagnostics` after the last step.
+        :rtype: dict
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        self._set_up(model, guide, args, kwargs)
+        for _ in range(num_steps):
+            self._discriminator_step(model, guide, args, kwargs)
+        return dict(self.diagnostics)
 
     def state_dict(self):
         """The discriminator's and its optimizer's state (plus the step count)."""
@@ -190,35 +235,54 @@ class AdversarialGuide:
 
     # -- one SVI step ---------------------------------------------------------------------
 
-    def _step(self, model, args, kwargs):
-        if self.discriminator is None:
-            self._setup(model, args, kwargs)
-        warmup = self.warmup_steps if self.num_guide_steps == 0 else 0
-        steps = warmup + self.discriminator_steps
-        for i in range(steps):
-            trained_on = self._discriminator_step(model, args, kwargs, last=i == steps - 1)
-        guide_pairs = self._guide_pairs(model, args, kwargs)
-        logit = self._logit(guide_pairs, frozen=True)
+    def _set_up(self, model, guide, args, kwargs):
+        if self._model is None:
+            self._setup(model, guide, args, kwargs)
+            self._model = model
+        elif self._model != model:  # (a bound method is a new object at each access)
+            raise ValueError(
+                "This AdversarialELBO's discriminator was built for another model; use one "
+                "AdversarialELBO per model."
+            )
+
+    def _step(self, model, guide, args, kwargs, train):
+        self._set_up(model, guide, args, kwargs)
+        trained_on = None
+        if train:
+            warmup = self.warmup_steps if self.num_guide_steps == 0 else 0
+            steps = warmup + self.discriminator_steps
+            for i in range(steps):
+                trained_on = self._discriminator_step(
+                    model, guide, args, kwargs, last=i == steps - 1
+                )
+        logits = [
+            self._logit(self._guide_pairs(model, guide, args, kwargs), frozen=True)
+            for _ in range(self.num_particles)
+        ]
+        logit = torch.cat(logits)
         with torch.no_grad():
             self.diagnostics["kl"] = logit.mean().item()
-            # Paired by datapoint: both sets of pairs share the data and differ in z.
-            gap = trained_on - logit
-            self.diagnostics["held_out_gap"] = gap.mean().item()
-            self.diagnostics["held_out_gap_se"] = (gap.var() / gap.numel()).sqrt().item()
-            self._gap_window.append(self.diagnostics["held_out_gap"])
-        self._warn_if_unhealthy()
-        self.num_guide_steps += 1
+            if trained_on is not None:
+                # Paired by datapoint: both sets of pairs share the data and differ in z.
+                gap = trained_on - logits[0]
+                self.diagnostics["held_out_gap"] = gap.mean().item()
+                self.diagnostics["held_out_gap_se"] = (gap.var() / gap.numel()).sqrt().item()
+                self._gap_window.append(self.diagnostics["held_out_gap"])
         per_pair = logit if self.divergence == "kl" else nn.functional.softplus(logit)
         loss = self._num_datapoints * per_pair.mean()
+        if not train:
+            return loss
+        self._warn_if_unhealthy()
+        self.num_guide_steps += 1
         if torch.is_grad_enabled() and self._dual_sites is not False:
-            loss = loss + self._model_gradient_surrogate(model, args, kwargs)
+            loss = loss + self._model_gradient_surrogate(model, guide, args, kwargs)
         return loss
 
     @torch.enable_grad()
-    def _discriminator_step(self, model, args, kwargs, last=False):
+    def _discriminator_step(self, model, guide, args, kwargs, last=False):
         with torch.no_grad():
-            guide_pairs = self._guide_pairs(model, args, kwargs)
-            model_pairs = self._model_pairs(model, args, kwargs)
+            guide_pairs = self._guide_pairs(model, guide, args, kwargs)
+            model_pairs = self._model_pairs(model, guide, args, kwargs)
             self._update_moments(guide_pairs, model_pairs)
         t_q = self._logit(guide_pairs)
         t_p = self._logit(model_pairs)
@@ -244,7 +308,7 @@ class AdversarialGuide:
 
     # -- setup ----------------------------------------------------------------------------
 
-    def _setup(self, model, args, kwargs):
+    def _setup(self, model, guide, args, kwargs):
         # With gradients on, so that the sites' parameters show whether they are learnable.
         with torch.enable_grad(), poutine.block():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
@@ -254,14 +318,14 @@ class AdversarialGuide:
         observed = observed_sites(trace)
         if frame is None:
             raise ValueError(
-                "AdversarialGuide contrasts per-datapoint pairs (z_i, x_i), so the model needs "
+                "AdversarialELBO contrasts per-datapoint pairs (z_i, x_i), so the model needs "
                 "a data plate (pyro.plate around its observed sites)."
             )
         for site in latents + observed:
             if not in_plate(site, frame):
                 raise NotImplementedError(
                     f"Site {site['name']!r} is outside the data plate {frame.name!r}. "
-                    "AdversarialGuide needs every latent and observed site in the data plate "
+                    "AdversarialELBO needs every latent and observed site in the data plate "
                     "(one pair (z_i, x_i) per datapoint); global latents are not supported."
                 )
             others = [f.name for f in data_frames(site) if f != frame]
@@ -277,8 +341,8 @@ class AdversarialGuide:
         self._arguments = ObservationArguments(model, self._observations)
         self._arguments.locate(observed_values(trace), args, kwargs)  # fails early if ambiguous
         with torch.no_grad():
-            features = self._guide_pairs(model, args, kwargs, explicit=False)["features"]
-            model_pairs = self._model_pairs(model, args, kwargs, explicit=False)
+            features = self._guide_pairs(model, guide, args, kwargs, explicit=False)["features"]
+            model_pairs = self._model_pairs(model, guide, args, kwargs, explicit=False)
         self._z_dim = model_pairs["z_dim"]
         device, dtype = features.device, features.dtype
         self.standardize = Standardize(features.shape[-1]).to(device=device, dtype=dtype)
@@ -288,6 +352,8 @@ class AdversarialGuide:
         )
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate)
         self._moments = None
+        # Moments from the set-up's pairs, so that the residual exists before any training.
+        self._update_moments({"features": features}, model_pairs)
         self._guide_has_density = None
         self._implicit = {
             n for n in self._latents + self._observed if self._log_density(trace, [n]) is None
@@ -315,9 +381,9 @@ class AdversarialGuide:
 
     # -- pairs ----------------------------------------------------------------------------
 
-    def _guide_pairs(self, model, args, kwargs, explicit=True):
+    def _guide_pairs(self, model, guide, args, kwargs, explicit=True):
         """``x`` = data, ``z ~ q(z | x)``; with the known log densities of the pair."""
-        guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
@@ -331,7 +397,7 @@ class AdversarialGuide:
             pairs["log_lik"] = self._log_density(model_trace, self._observed)
         return pairs
 
-    def _model_pairs(self, model, args, kwargs, explicit=True):
+    def _model_pairs(self, model, guide, args, kwargs, explicit=True):
         """``(z, x) ~ p``, fresh simulations of a data set of the data's size."""
         trace = model_joint_trace(model, args, kwargs)
         values = {n: trace.nodes[n]["value"] for n in self._latents + self._observed}
@@ -341,18 +407,18 @@ class AdversarialGuide:
             pairs["log_lik"] = self._log_density(trace, self._observed)
             # An implicit guide is found out once; it is not run again just to fail.
             if self._guide_has_density is not False:
-                pairs["log_q"] = self._guide_density_at(trace, args, kwargs)
+                pairs["log_q"] = self._guide_density_at(guide, trace, args, kwargs)
                 self._guide_has_density = pairs["log_q"] is not None
         return pairs
 
-    def _guide_density_at(self, model_trace, args, kwargs):
+    def _guide_density_at(self, guide, model_trace, args, kwargs):
         """``log q(z | x)`` at model pairs: the simulated ``x`` passed to the guide, the
         simulated ``z`` replayed (``None`` for an implicit guide)."""
         sims = {n: model_trace.nodes[n]["value"] for n in self._observed}
         real = observed_values(model_trace)  # this call's data, kept by uncondition
         sim_args, sim_kwargs = self._arguments.substitute(real, sims, args, kwargs)
         latents = values_trace({n: model_trace.nodes[n]["value"] for n in self._latents})
-        guide_trace = poutine.trace(poutine.replay(self.guide, trace=latents)).get_trace(
+        guide_trace = poutine.trace(poutine.replay(guide, trace=latents)).get_trace(
             *sim_args, **sim_kwargs
         )
         return self._log_density(guide_trace, self._latents)
@@ -407,7 +473,7 @@ class AdversarialGuide:
 
     # -- model parameters of implicit sites ----------------------------------------------
 
-    def _model_gradient_surrogate(self, model, args, kwargs):
+    def _model_gradient_surrogate(self, model, guide, args, kwargs):
         """A zero-valued term whose gradient is the model parameters' share of the divergence
         gradient that flows through implicit sites.
 
@@ -431,7 +497,7 @@ class AdversarialGuide:
             pairs["log_prior"] = self._log_density(trace, self._latents)
             pairs["log_lik"] = self._log_density(trace, self._observed)
             if self._guide_has_density:
-                pairs["log_q"] = self._guide_density_at(trace, args, kwargs)
+                pairs["log_q"] = self._guide_density_at(guide, trace, args, kwargs)
         logit = self._logit(pairs, frozen=True)
         if self.divergence == "kl":
             # exp(T) beyond e^50 is a pair the ratio cannot be trusted on anyway.
@@ -456,7 +522,7 @@ class AdversarialGuide:
                 sites.append(name)
             else:
                 warnings.warn(
-                    f"AdversarialGuide: implicit site {name!r} depends on learnable parameters "
+                    f"AdversarialELBO: implicit site {name!r} depends on learnable parameters "
                     "but is not reparameterized, so they get no gradient. Declare "
                     "Implicit(..., reparameterized=True) if the simulator is a differentiable "
                     "torch function.",
@@ -477,7 +543,7 @@ class AdversarialGuide:
             if any(g is not None for g in grads):
                 raise NotImplementedError(
                     f"Explicit site {name!r} depends on the implicit, learnable simulation(s) "
-                    f"{self._dual_sites}: AdversarialGuide learns simulator parameters only when "
+                    f"{self._dual_sites}: AdversarialELBO learns simulator parameters only when "
                     "explicit sites do not sit downstream of implicit ones. Make the downstream "
                     "site implicit too (Implicit(..., reparameterized=True))."
                 )
@@ -545,7 +611,7 @@ class AdversarialGuide:
         estimable = d.get("kl", 0.0) < math.log(d.get("num_pairs", 1) * max(count, 1))
         if estimable and not 0.5 < exp_t < 2.0:
             warnings.warn(
-                f"AdversarialGuide: E_p[exp T] = {exp_t:.3g} over the last {count} "
+                f"AdversarialELBO: E_p[exp T] = {exp_t:.3g} over the last {count} "
                 "discriminator steps, far from 1: the estimated ratio "
                 "is off. Use the residual ratio (residual=True), more discriminator_steps or "
                 "warmup_steps, or a lower learning rate for the guide.",
@@ -560,7 +626,7 @@ class AdversarialGuide:
         gap, se = gaps.mean().item(), (gaps.var() / len(gaps)).sqrt().item()
         if gap > 4 * se + 0.01:
             warnings.warn(
-                f"AdversarialGuide: E_qk[T] is {gap:+.3g} higher on the pairs the "
+                f"AdversarialELBO: E_qk[T] is {gap:+.3g} higher on the pairs the "
                 f"discriminator was just trained on than on fresh draws of z (mean of "
                 f"{len(gaps)} steps): it is overfitting. Use more data per step, fewer "
                 "discriminator steps or a smaller discriminator.",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from functools import reduce
 
 import pyro
@@ -26,6 +27,7 @@ import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.nn import PyroModule
 from pyro.params import param_with_module_name
+from pyro.poutine.runtime import effectful
 from torch import nn
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import IndependentTransform
@@ -64,6 +66,14 @@ _BOX_SOFTNESS = 0.1
 
 def _numel(shape):
     return reduce(operator.mul, shape, 1)
+
+
+def _trimmed(shape):
+    """``shape`` without its leading dims of size 1 (the padding to the plate nesting)."""
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 class AutoAmortizedGuide(PyroModule):
@@ -369,15 +379,10 @@ class AutoAmortizedGuide(PyroModule):
         return context.reshape(prefix + (1,) * self._nesting + context.shape[-1:])
 
     def __getattr__(self, name):
-        # PyroModule registers every parameter of an nn.Module child (walking its submodules)
-        # on each attribute read; forward registers them all once instead (_register_params).
+        # PyroModule states every parameter of an nn.Module child (walking its submodules)
+        # on each attribute read; forward states them all once instead (_register_params).
         modules = self.__dict__.get("_modules")
-        if (
-            modules is not None
-            and name in modules
-            and not isinstance(modules[name], PyroModule)
-            and not pyro.settings.get("module_local_params")
-        ):
+        if modules is not None and name in modules and not isinstance(modules[name], PyroModule):
             return modules[name]
         return super().__getattr__(name)
 
@@ -387,22 +392,64 @@ class AutoAmortizedGuide(PyroModule):
             self.__dict__["_param_names"] = None  # a new child: list the parameters again
 
     def _register_params(self):
-        """``pyro.param`` for every trainable parameter, under the names ``pyro.module``
-        would give them, so that SVI sees (and optimizes) the guide's parameters. (With
-        Pyro's ``module_local_params`` setting, PyroModule's own attribute reads do it.)"""
-        if pyro.settings.get("module_local_params"):
-            return
+        """Keep the guide's state in Pyro's param store, as Pyro's autoguides do.
+
+        Every trainable parameter gets a ``pyro.param`` statement under the name
+        ``pyro.module`` would give it, so that SVI captures it; where the store already
+        holds a value of that name (loaded with ``pyro.get_param_store().load``, or trained
+        by an earlier guide of the same name) the store's tensor replaces the module's, so
+        the guide computes with what SVI optimizes. Floating-point buffers (the
+        standardization statistics) are kept in the store as constants (no ``pyro.param``
+        statement, so SVI never steps them), so that the store's ``save``/``load`` carries
+        them too. With Pyro's ``module_local_params`` setting the module's own attribute
+        states the parameters (as PyroModule does, without a store) and the module's
+        ``state_dict`` holds everything."""
         if self._param_names is None:
             prefix = self._pyro_name + "." if self._pyro_name else ""
-            self._param_names = [
-                (param_with_module_name(prefix + child, name), p)
-                for child, module in self.named_children()
-                if not isinstance(module, PyroModule)
-                for name, p in module.named_parameters()
-                if p.requires_grad
-            ]
-        for name, p in self._param_names:
-            pyro.param(name, p)
+            entries = []
+            for child, module in self.named_children():
+                if isinstance(module, PyroModule):
+                    continue
+                for name, p in module.named_parameters():
+                    if p.requires_grad:
+                        entries.append((param_with_module_name(prefix + child, name), p))
+                for name, b in module.named_buffers():
+                    if b is not None:
+                        owner, _, attr = (child + "." + name).rpartition(".")
+                        stored_name = param_with_module_name(prefix + child, name)
+                        entries.append(_StoredBuffer(stored_name, self, owner, attr))
+            self.__dict__["_param_names"] = entries
+        if pyro.settings.get("module_local_params"):
+            for entry in self._param_names:
+                if not isinstance(entry, _StoredBuffer):
+                    _state_local_param(*entry)
+            return
+        store = pyro.get_param_store()
+        for i, entry in enumerate(self._param_names):
+            if isinstance(entry, _StoredBuffer):
+                entry.sync(store)
+                continue
+            name, p = entry
+            stored = pyro.param(name, p)
+            if stored is not p:
+                self._param_names[i] = (name, self._adopt(name, p, stored))
+
+    def _adopt(self, name, current, stored):
+        """Put the store's tensor ``stored`` in place of the module's parameter ``current``."""
+        stored = stored.unconstrained() if hasattr(stored, "unconstrained") else stored
+        if stored.shape != current.shape:
+            raise ValueError(
+                f"Pyro's param store holds {name!r} with shape {tuple(stored.shape)}, but this "
+                f"{type(self).__name__} has it with shape {tuple(current.shape)}: the store "
+                "was saved from (or trained by) a guide of the same name for another model or "
+                "configuration. Call pyro.clear_param_store(), or keep each guide's parameters "
+                "in its own pyro.get_param_store().scope()."
+            )
+        for module in self.modules():
+            for key, p in module._parameters.items():
+                if p is current:
+                    module._parameters[key] = stored
+        return stored
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
@@ -454,27 +501,52 @@ class AutoAmortizedGuide(PyroModule):
         def log_density():
             # log q(z | x) at the values the sites actually took (replayed ones included).
             ours = draw and all(values[k] is draw["z"][k] for k in values)
-            u = draw["u"] if ours else self._unconstrained_vector(values)
-            log_q = q_u.log_prob(u)
-            for layout, piece in zip(self._latent_layout, self._split(u), strict=True):
-                z = values[layout["name"]]
-                log_q = log_q - self._log_jacobian(layout, piece, z, u.dim() - 1)
-            return log_q
+            return self._log_density(q_u, values, draw["u"] if ours else None)
+
+        def score(name, value):
+            # log q at a value the site did not take (e.g. the information estimate's
+            # pairs z_i, x_j): exact for one latent site; a joint over several sites cannot
+            # score one site's value alone.
+            if len(self._latent_layout) > 1:
+                raise NotImplementedError(
+                    f"{type(self).__name__} was asked for the density of site {name!r} at a "
+                    "value it did not take, but its density is joint over the sites "
+                    f"{[layout['name'] for layout in self._latent_layout]}. Score all sites "
+                    "together with guide.log_prob(latents, *args) (or pass "
+                    "estimate_information=False to the ELBO)."
+                )
+            return self._log_density(q_u, {name: value})
 
         density_site = self._density_site()
         for layout in self._latent_layout:
             name = layout["name"]
             batch = aux_batch if self._local else layout["batch_shape"]
+            # Without leading dims the site takes the model's batch shape (its padding to
+            # the plate nesting dropped), as an unbatched run of the model has it.
+            batch = left + batch if left else _trimmed(batch)
             fn = _Carried(
                 lambda batch_shape, name=name: propose(batch_shape)[name],
-                left + batch + layout["event_shape"],
+                batch + layout["event_shape"],
                 len(layout["event_shape"]),
                 layout["support"],
                 log_density if name == density_site else None,
+                lambda value, name=name: values.get(name) is value,
+                lambda value, name=name: score(name, value),
             )
             with _plates(layout["frames"]):
                 values[name] = pyro.sample(name, fn)
         return values
+
+    def _log_density(self, q_u, values, u=None):
+        """``log q(z | x)`` of the latents ``values`` (``{site: value}``, leading dims
+        broadcast against ``q_u``'s batch), shape ``(*left, *aux_batch)``; ``u``: their joined
+        unconstrained vector when known (a flow's own draw keeps its cache)."""
+        u = self._unconstrained_vector(values) if u is None else u
+        log_q = q_u.log_prob(u)
+        for layout, piece in zip(self._latent_layout, self._split(u), strict=True):
+            z = values[layout["name"]]
+            log_q = log_q - self._log_jacobian(layout, piece, z, u.dim() - 1)
+        return log_q
 
     def _density_site(self):
         for layout in self._latent_layout:
@@ -505,6 +577,115 @@ class AutoAmortizedGuide(PyroModule):
         return {
             layout["name"]: trace.nodes[layout["name"]]["value"] for layout in self._latent_layout
         }
+
+    def _check_set_up(self, method):
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method} needs the guide set up: its first call must "
+                "take the model's own arguments (one observation). Train it, or call "
+                "guide(*args) once (after pyro.get_param_store().load(...) too)."
+            )
+
+    def log_prob(self, latents, *args, **kwargs):
+        """``log q(z | x)`` of the latents at the observations in ``args``/``kwargs``: the
+        amortized-posterior contract that :class:`~pyro_jc.ForwardKL`, the ELBOs'
+        information estimate and :func:`~pyro_jc.diagnostics.sbc` rely on.
+
+        :param dict latents: ``{site: value}`` for every latent site, shaped like the model's
+            site with extra leading dims (a batch of latents).
+        :param args: the model's arguments; the observations may carry extra leading dims (a
+            batch of observations), which broadcast against the latents' leading dims.
+        :returns: a tensor of shape ``broadcast(latents' leading dims, observations' leading
+            dims)``; for local latents the datapoints' densities are summed.
+        :rtype: torch.Tensor
+        """
+        self._check_set_up("log_prob")
+        missing = [
+            layout["name"] for layout in self._latent_layout if layout["name"] not in latents
+        ]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.log_prob needs a value for every latent site; "
+                f"missing {missing}."
+            )
+        self._register_params()
+        context = self._context(args, kwargs)
+        values = {layout["name"]: latents[layout["name"]] for layout in self._latent_layout}
+        log_q = self._log_density(self._posterior(context), values)
+        return log_q.sum(tuple(range(-self._nesting, 0))) if self._nesting else log_q
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """The posterior median of each latent site at the observations in ``args`` (which
+        may carry extra leading dims): the median of ``q(u | x)`` pushed to each site's
+        support, as Pyro's ``AutoNormal.median`` (exact for coordinate-wise supports; for
+        a flow, the median of the base distribution pushed through the flow, the
+        coordinate-wise median of the unconstrained posterior only for monotone layers).
+
+        :returns: ``{site: tensor}`` shaped like the site with the observations' leading dims.
+        """
+        self._check_set_up("median")
+        return self._from_unconstrained(self._median_unconstrained(args, kwargs))
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, num_samples=10000, **kwargs):
+        """Marginal posterior quantiles of each latent site, in its support, at the
+        observations in ``args`` (which may carry extra leading dims).
+
+        :param quantiles: a list of levels in ``(0, 1)``.
+        :param int num_samples: posterior draws for the empirical quantiles of guides
+            without a closed form (flows); :class:`AutoAmortizedNormal` is exact for
+            coordinate-wise supports.
+        :returns: ``{site: tensor}`` with a leading dim over ``quantiles``.
+        """
+        self._check_set_up("quantiles")
+        levels = torch.as_tensor(quantiles, dtype=torch.get_default_dtype())
+        if levels.dim() != 1 or not bool(((levels > 0) & (levels < 1)).all()):
+            raise ValueError(f"quantiles must be a list of levels in (0, 1); got {quantiles}.")
+        exact = self._quantiles_unconstrained(levels, args, kwargs)
+        if exact is not None:
+            return self._from_unconstrained(exact)
+        draws = self.sample_posterior(*args, num_samples=num_samples, **kwargs)
+        return {
+            layout["name"]: torch.quantile(
+                self._site_shaped(layout, draws[layout["name"]]),
+                levels.to(draws[layout["name"]]),
+                dim=0,
+            )
+            for layout in self._latent_layout
+        }
+
+    def _from_unconstrained(self, u):
+        """``{site: value}`` from joined unconstrained vectors ``(*left, *aux, latent_dim)``,
+        the nesting dims of global sites dropped."""
+        return {
+            layout["name"]: self._site_shaped(layout, layout["transform"](piece))
+            for layout, piece in zip(self._latent_layout, self._split(u), strict=True)
+        }
+
+    def _site_shaped(self, layout, z):
+        """A global site's value without the padding of its batch shape to the plate
+        nesting: ``(*leading, *site_shape)`` as the model's site has it."""
+        if self._local:
+            return z
+        return z.reshape(
+            z.shape[: z.dim() - len(layout["event_shape"]) - self._nesting]
+            + _trimmed(layout["batch_shape"])
+            + layout["event_shape"]
+        )
+
+    def _median_unconstrained(self, args, kwargs):
+        q_u = self._posterior(self._context(args, kwargs))
+        base = q_u.base_dist if isinstance(q_u, dist.TransformedDistribution) else None
+        if base is None:
+            return q_u.mean
+        u = base.mean
+        for t in q_u.transforms:
+            u = t(u)
+        return u
+
+    def _quantiles_unconstrained(self, levels, args, kwargs):
+        return None
 
     def _build_posterior(self, context_dim):
         raise NotImplementedError
@@ -537,6 +718,11 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias[self.latent_dim :] = math.log(math.expm1(self.init_scale))
+
+    def _quantiles_unconstrained(self, levels, args, kwargs):
+        q_u = self._posterior(self._context(args, kwargs)).base_dist
+        levels = levels.to(q_u.loc).reshape((-1,) + (1,) * q_u.loc.dim())
+        return q_u.icdf(levels)
 
     def _posterior(self, context):
         loc, raw = self.head(context).chunk(2, -1)
@@ -674,22 +860,77 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         return dist.TransformedDistribution(base, transforms)
 
 
+def _state_local_param(name, p):
+    """A ``param`` statement for a module-local parameter (no param store), carrying the
+    ``unconstrained`` link that SVI's parameter capture reads, as PyroModule does for its
+    PyroParams."""
+    p.unconstrained = weakref.ref(p)
+    effectful(type="param")(lambda *_, **__: p)(name, p, constraint=constraints.real, name=name)
+
+
+class _StoredBuffer:
+    """A buffer of a child module mirrored in Pyro's param store, so that the store's
+    ``save``/``load`` carry it: the standardization statistics, and the masks and orders of
+    autoregressive layers (drawn at random when a layer is built). A floating-point buffer
+    is held by the module as a detached alias of the stored tensor (no gradient reaches it;
+    in-place updates such as :meth:`~pyro_jc.nn.Standardize.fit` write through to the
+    store); an integer or boolean one (fixed once built) is stored as a floating-point copy
+    (exact for the small integers of an order)."""
+
+    def __init__(self, name, root, owner, attr):
+        self.name, self.root, self.owner, self.attr = name, root, owner, attr
+        self.stored = self.alias = None
+
+    def sync(self, store):
+        module = self.root.get_submodule(self.owner)
+        current = module._buffers[self.attr]
+        stored = store[self.name] if self.name in store else None
+        if stored is not None and stored is self.stored and current is self.alias:
+            return
+        floating = current.is_floating_point()
+        if stored is None or stored is self.stored:
+            # New, or the module replaced its buffer (.to(), load_state_dict): store it.
+            value = current.detach()
+            store[self.name] = value.clone() if floating else value.to(torch.float64)
+            stored = store[self.name]
+        elif stored.shape != current.shape:
+            raise ValueError(
+                f"Pyro's param store holds {self.name!r} with shape {tuple(stored.shape)}, "
+                f"but the guide's buffer has shape {tuple(current.shape)}: the store was saved "
+                "from a guide of the same name for another model. Call "
+                "pyro.clear_param_store(), or use pyro.get_param_store().scope()."
+            )
+        elif floating and (stored.dtype != current.dtype or stored.device != current.device):
+            # The store's value wins (loaded, or set by an earlier guide of this name).
+            store[self.name] = stored.detach().to(current)
+            stored = store[self.name]
+        self.stored = stored
+        self.alias = stored.detach() if floating else stored.detach().to(current)
+        module._buffers[self.attr] = self.alias
+        if hasattr(module, "_state_changed"):
+            module._state_changed()
+
+
 # ---------------------------------------------------------------------------------------------
 # Site distributions
 
 
 class _Carried(dist.TorchDistribution):
     """A latent site of the joined draw: its value comes from ``propose(batch_shape)`` (drawn
-    only when the site is not replayed), and its density is zero except on the one site that
-    carries ``log_density()``, the joint ``log q(z | x)`` at the values all sites took."""
+    only when the site is not replayed). At the value the site took (``is_own(value)``) its
+    density is zero except on the one site that carries ``log_density()``, the joint
+    ``log q(z | x)`` at the values all sites took; any other value is scored by
+    ``score(value)``, never silently by the joint density of the value the site took."""
 
     arg_constraints = {}
     has_rsample = True
 
-    def __init__(self, propose, shape, event_dim, support, log_density=None):
+    def __init__(self, propose, shape, event_dim, support, log_density, is_own, score):
         self.propose = propose
         self._support = support
         self.log_density = log_density
+        self.is_own = is_own
+        self.score = score
         self._cached = None
         shape = torch.Size(shape)
         super().__init__(
@@ -702,21 +943,35 @@ class _Carried(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape) + self.event_shape
-        return _Carried(self.propose, shape, len(self.event_shape), self._support, self.log_density)
+        return _Carried(
+            self.propose,
+            shape,
+            len(self.event_shape),
+            self._support,
+            self.log_density,
+            self.is_own,
+            self.score,
+        )
 
     def rsample(self, sample_shape=()):
         batch_shape = torch.Size(sample_shape) + self.batch_shape
         z = self.propose(batch_shape)
         shape = batch_shape + self.event_shape
-        return z if z.shape == shape else z.expand(shape)
+        if z.shape == shape:
+            return z
+        # The joined draw is padded to the plate nesting; the site may have dropped the pad.
+        return z.expand(shape) if z.dim() <= len(shape) else z.reshape(shape)
 
     def log_prob(self, value):
         batch = value.shape[: value.dim() - len(self.event_shape)]
-        if self.log_density is None:
+        if not self.is_own(value):
+            log_q = self.score(value)
+        elif self.log_density is None:
             return value.new_zeros(batch)
-        if self._cached is None:
-            self._cached = self.log_density()
-        log_q = self._cached
+        else:
+            if self._cached is None:
+                self._cached = self.log_density()
+            log_q = self._cached
         shape = torch.Size(torch.broadcast_shapes(log_q.shape, batch))
         # A global site in a plate carries the joint density once, spread over its elements.
         return log_q.expand(shape) * (_numel(log_q.shape) / _numel(shape))

@@ -168,7 +168,7 @@ class Implicit(TorchDistribution):
             f"{self._where()} has no density: its likelihood is implicit (a simulator that can "
             "only be sampled), so log_prob cannot be evaluated. Train with a likelihood-free "
             "loss: pyro_jc.ForwardKL (simulation-based training of an amortized guide) or "
-            "pyro_jc.AdversarialGuide (a discriminator estimates the density ratio)."
+            "pyro_jc.AdversarialELBO (a discriminator estimates the density ratio)."
         )
 
     # -----------------------------------------------------------------------------------------

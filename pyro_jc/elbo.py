@@ -19,7 +19,6 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from torch.distributions import kl_divergence
 
-from .adversarial import AdversarialGuide
 from .decomposition import information_terms
 from .joints import (
     GuideJointTraces,
@@ -246,9 +245,6 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
             ``num_datapoints * data_entropy`` when that is given).
         :rtype: float
         """
-        if isinstance(guide, AdversarialGuide):
-            with torch.no_grad():
-                return guide.loss(model, *args, **kwargs)
         with torch.no_grad():
             loss, _ = self._evaluate(model, guide, args, kwargs, backward=False)
         return loss
@@ -259,8 +255,6 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
             gradient is the gradient estimator used by :meth:`loss_and_grads`.
         :rtype: torch.Tensor
         """
-        if isinstance(guide, AdversarialGuide):
-            return guide.differentiable_loss(model, *args, **kwargs)
         loss, surrogate_loss = self._evaluate(model, guide, args, kwargs, backward=False)
         if not torch.is_tensor(surrogate_loss):
             surrogate_loss = torch.tensor(float(surrogate_loss))
@@ -274,8 +268,6 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
         :returns: an estimate of the loss.
         :rtype: float
         """
-        if isinstance(guide, AdversarialGuide):
-            return guide.loss_and_grads(model, *args, **kwargs)
         loss, _ = self._evaluate(model, guide, args, kwargs, backward=True)
         return loss
 

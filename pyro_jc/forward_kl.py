@@ -18,7 +18,6 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
-from pyro.optim import PyroLRScheduler
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import apply_stack
 
@@ -37,6 +36,7 @@ from .joints import (
     sample_sites,
     values_trace,
 )
+from .training import LearningRateFactor
 
 
 class ForwardKL(ELBO):
@@ -228,7 +228,7 @@ class ForwardKL(ELBO):
             "guide",
             remedy="ForwardKL maximizes log q(z | x): use a guide with a density (normal, flow: "
             "pyro_jc.AutoAmortizedFlow), or train an implicit guide with "
-            "pyro_jc.AdversarialGuide.",
+            "pyro_jc.AdversarialELBO.",
         )
         if pyro.infer.util.is_validation_enabled():
             nesting = self.max_plate_nesting + (1 if plate_size is not None else 0)
@@ -279,8 +279,17 @@ class ForwardKL(ELBO):
         total = 0.0
         count = 0
         num_invalid = 0
-        for latents, sims, invalid, size, obs in self._pairs(model, args, kwargs):
+        pairs = self._pairs(model, args, kwargs)
+        one_at_a_time = self.bank is None and not self.vectorize_particles
+        if one_at_a_time:
+            # The guide's standardization is fitted from all pairs of the step at once (one
+            # pair has no spread), in the layout of a plate over simulations.
+            pairs = list(pairs)
+            latents, sims, invalid = (self._stacked([pair[k] for pair in pairs]) for k in range(3))
             self._standardize(guide, args, kwargs, latents, sims, invalid)
+        for latents, sims, invalid, size, obs in pairs:
+            if not one_at_a_time:
+                self._standardize(guide, args, kwargs, latents, sims, invalid)
             log_q, guide_trace = self._log_q(guide, args, kwargs, latents, sims, size, obs)
             if invalid is not None:
                 num_invalid += int(invalid.sum())
@@ -305,6 +314,25 @@ class ForwardKL(ELBO):
             "num_invalid": num_invalid,
         }
         return loss
+
+    def _stacked(self, batches):
+        """Unbatched pairs' values (dicts of tensors, or invalid masks) stacked along a
+        leading simulation dim in the vectorized layout."""
+        if batches[0] is None:
+            return None
+        if torch.is_tensor(batches[0]):
+            return torch.cat(batches)
+        out = {}
+        for name in batches[0]:
+            event_dim = self._event_dims.get(name, 0)
+            values = [b[name] for b in batches]
+            out[name] = torch.cat(
+                [
+                    v.reshape((1,) * (self.max_plate_nesting + 1 - (v.dim() - event_dim)) + v.shape)
+                    for v in values
+                ]
+            )
+        return out
 
     def _standardize(self, guide, args, kwargs, latents, sims, invalid):
         """Let a guide that standardizes its inputs (the amortized autoguides) fit the
@@ -426,8 +454,13 @@ class ForwardKL(ELBO):
         pairs per step: C2ST 0.58 at a constant 1e-3, 0.51 annealed from 4e-3; see the
         benchmarks page).
 
-        In both modes a learning-rate scheduler in ``svi.optim`` owns the learning rate: it is
-        neither decayed nor annealed (nor stepped). The optimizer is left at the last rate.
+        In both modes the rates change only through torch's schedulers
+        (:class:`~pyro_jc.training.LearningRateFactor`), as multiples of the rates the
+        optimizer was configured with (per-parameter arguments included). The optimizer is
+        left at the last rate, and calling ``fit`` again starts from the configured rates:
+        ``fit(num_steps=20)`` then ``fit(num_steps=500)`` trains like one 500-step fit from
+        where the first left the guide. A learning-rate scheduler in ``svi.optim`` owns the
+        learning rate: it is neither decayed nor annealed (nor stepped).
 
         :param pyro.infer.SVI svi: an SVI object whose loss is this ``ForwardKL``.
         :param args: the model's arguments (the real data where the guide's data argument
@@ -490,6 +523,8 @@ class ForwardKL(ELBO):
             "decay_epochs": [],
         }
         best, best_state, stale = math.inf, None, 0
+        rate = LearningRateFactor(svi.optim)
+        rate.set(1.0)  # a second fit starts from the configured rates again
         for epoch in epochs:
             losses = [svi.step(*args, **kwargs) for _ in range(self.bank.batches_per_epoch)]
             val = self.validation_loss(svi.model, svi.guide, *args, **kwargs)
@@ -505,10 +540,9 @@ class ForwardKL(ELBO):
             stale += 1
             if stale < patience:
                 continue
-            if len(history["decay_epochs"]) >= lr_decays or not _scale_learning_rate(
-                svi.optim, lr_factor
-            ):
+            if len(history["decay_epochs"]) >= lr_decays or not rate.controls:
                 break
+            rate.set(lr_factor ** (len(history["decay_epochs"]) + 1))
             # Go on from the best guide with smaller steps.
             _restore(svi.guide, best_state)
             history["decay_epochs"].append(epoch)
@@ -532,15 +566,16 @@ class ForwardKL(ELBO):
 
             bar = tqdm(total=num_steps, desc="ForwardKL steps")
         history = {"train_loss": [], "steps": 0, "simulations": 0, "seconds": 0.0}
-        start, rate = time.perf_counter(), 1.0
+        start = time.perf_counter()
+        rate = LearningRateFactor(svi.optim)
+        rate.set(1.0)  # a second fit starts from the configured rates again
         while True:
             spent = _budget_spent(history["steps"], num_steps, time.perf_counter() - start, seconds)
             if spent >= 1:
                 break
             # The torch optimizers exist from the first step on (Pyro creates them lazily).
-            if anneal and history["steps"] > 0 and rate is not None:
-                new_rate = max(0.5 * (1 + math.cos(math.pi * spent)), _FINAL_RATE)
-                rate = new_rate if _scale_learning_rate(svi.optim, new_rate / rate) else None
+            if anneal and history["steps"] > 0:
+                rate.set(max(0.5 * (1 + math.cos(math.pi * spent)), _FINAL_RATE))
             history["train_loss"].append(svi.step(*args, **kwargs))
             history["steps"] += 1
             if bar is not None:
@@ -720,29 +755,6 @@ class _HoistParams(Messenger):
                     "mask": None,
                 }
             )
-
-
-def _scale_learning_rate(optim, factor):
-    """Multiply the learning rate of every torch optimizer behind ``optim`` by ``factor``;
-    ``False`` (nothing changed) for a learning-rate scheduler or an unknown optimizer."""
-    if isinstance(optim, PyroLRScheduler):
-        return False
-    if getattr(optim, "optimizer", None) is not None:  # pyro_jc.optim.SingleOptimizer
-        optimizers = [optim.optimizer]
-    else:
-        optimizers = list(getattr(optim, "optim_objs", {}).values())
-    if not optimizers:
-        return False
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] *= factor
-        # Parameters that join later start at the lowered rate too.
-        if "lr" in optimizer.defaults:
-            optimizer.defaults["lr"] *= factor
-    args = getattr(optim, "pt_optim_args", None)
-    if isinstance(args, dict) and "lr" in args:
-        optim.pt_optim_args = {**args, "lr": args["lr"] * factor}
-    return True
 
 
 #: The annealed learning rate ends at this fraction of its initial value.

@@ -37,8 +37,18 @@ PARTICLE_PLATE = "num_particles_vectorized"
 
 _LIKELIHOOD_FREE_HINT = (
     "Losses that never evaluate this density are pyro_jc.ForwardKL (simulation-based training "
-    "of the guide) and pyro_jc.AdversarialGuide (a discriminator estimates the density ratio)."
+    "of the guide) and pyro_jc.AdversarialELBO (a discriminator estimates the density ratio)."
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments of the losses
+
+
+def check_num_particles(num_particles):
+    """Raise ``ValueError`` unless ``num_particles`` is a positive integer."""
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}.")
 
 
 # ---------------------------------------------------------------------------------------------

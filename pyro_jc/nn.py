@@ -45,13 +45,20 @@ class DeepSet(nn.Module):
 
 class Standardize(nn.Module):
     """``(x - mean) / std`` per feature (last dim), with statistics held in buffers so they
-    follow the module's device and are saved with its state. Identity until :meth:`fit`."""
+    follow the module's device and are saved with its state (and, in the amortized
+    autoguides, with Pyro's param store). Identity until :meth:`fit`.
+
+    :param int dim: number of features.
+    :param float min_std: features whose standard deviation is at most ``min_std`` are
+        treated as constant and keep unit scale.
+    """
 
     def __init__(self, dim, min_std=1e-6):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
-        self.register_buffer("fitted", torch.tensor(False))
+        # A floating-point flag (1 once fitted), so it can live in Pyro's param store.
+        self.register_buffer("fitted", torch.zeros(()))
         self.min_std = min_std
         self._known_fitted = False  # Python mirror of `fitted` once True: no device sync
 
@@ -59,11 +66,15 @@ class Standardize(nn.Module):
     def is_fitted(self):
         """Whether :meth:`fit` has set the statistics (read from the device once)."""
         if not self._known_fitted:
-            self._known_fitted = bool(self.fitted)
+            self._known_fitted = bool(self.fitted > 0)
         return self._known_fitted
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _state_changed(self):
+        """The buffers were replaced (loaded): read the flag again."""
         self._known_fitted = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._state_changed()
         super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
@@ -78,7 +89,8 @@ class Standardize(nn.Module):
         std = x.std(0)
         self.mean.copy_(x.mean(0))
         self.std.copy_(torch.where(std > self.min_std, std, torch.ones_like(std)))
-        self.fitted.fill_(True)
+        self.fitted.fill_(1.0)
+        self._known_fitted = True
 
     def forward(self, x):
         return (x - self.mean) / self.std

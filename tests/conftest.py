@@ -22,6 +22,16 @@ def dtype(request):
     return request.param
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    # torch's default of one thread per core makes the suite over ten times slower on a
+    # busy 2-core machine (CI's size); the tests and benchmarks measure one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def fresh_pyro():
     pyro.clear_param_store()

@@ -1,4 +1,4 @@
-"""Closed forms for the linear-Gaussian model of THEORY.md:
+"""Closed forms for the linear-Gaussian model (docs/theory.rst):
 ``z ~ N(0, I_d)``, ``x | z ~ N(A z + b, sigma^2 I_m)``."""
 
 import math

@@ -1,5 +1,5 @@
-"""AdversarialGuide: discriminator-estimated ratio on a linear-Gaussian with an implicit
-likelihood, against the exact posterior and the exact joint KL (THEORY.md section 3)."""
+"""AdversarialELBO: discriminator-estimated ratio on a linear-Gaussian with an implicit
+likelihood, against the exact posterior and the exact joint KL (docs/theory.rst)."""
 
 from functools import partial
 
@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 from pyro.infer import SVI
 
 from pyro_jc import (
-    AdversarialGuide,
+    AdversarialELBO,
     Implicit,
-    JointContrastiveELBO,
     MissingGuideSiteError,
     ObservationShapeError,
 )
@@ -101,8 +100,8 @@ class NoiseFedGuide(GaussianGuide):
 
 
 def train(lg, guide, steps, **kwargs):
-    adversarial = AdversarialGuide(guide, **kwargs)
-    svi = SVI(lg.model, adversarial, pyro.optim.Adam({"lr": 3e-3}), JointContrastiveELBO())
+    adversarial = AdversarialELBO(**kwargs)
+    svi = SVI(lg.model, guide, pyro.optim.Adam({"lr": 3e-3}), adversarial)
     for _ in range(steps):
         svi.step(lg.data())
     return adversarial
@@ -153,10 +152,12 @@ def frozen_guide_estimate(lg, offset, residual, steps=400):
         guide.linear.weight.copy_(lg.gain)
         guide.linear.bias.copy_(offset)
         guide.raw_tril.copy_(torch.linalg.cholesky(lg.cov))
-    adversarial = AdversarialGuide(guide, residual=residual, warmup_steps=0)
+    adversarial = AdversarialELBO(residual=residual, warmup_steps=0)
     estimates = []
     for step in range(steps):
-        adversarial.loss(lg.model, lg.data())  # a discriminator step; the guide never moves
+        x = lg.data()
+        adversarial.train_discriminator(lg.model, guide, x)  # the guide never moves
+        adversarial.loss(lg.model, guide, x)
         if step >= steps - 100:
             estimates.append(adversarial.diagnostics["kl"])
     return sum(estimates) / len(estimates), guide_kl(lg, guide)
@@ -236,12 +237,12 @@ def test_simulator_parameter_gradient_matches_the_exact_gradient():
     # 1000 pairs: Monte-Carlo SE of the mean about 2.5% of the exact value (-1616), so the
     # 10% tolerance is 4 SE.
     lg = ScaleMismatch()
-    adversarial = AdversarialGuide(exact_posterior_guide(lg), warmup_steps=300)
-    elbo = JointContrastiveELBO()
+    guide = exact_posterior_guide(lg)
+    adversarial = AdversarialELBO(warmup_steps=300)
     estimates, exact = [], []
     for _ in range(200):
         x = lg.data(1000)
-        elbo.loss_and_grads(lg.model, adversarial, x)
+        adversarial.loss_and_grads(lg.model, guide, x)
         scale = pyro.param("noise_scale")
         estimates.append(scale.grad.item())
         scale.grad = None
@@ -253,17 +254,17 @@ def test_simulator_parameter_gradient_matches_the_exact_gradient():
 
 def test_simulator_parameter_gets_a_zero_valued_surrogate_with_the_right_sign(device):
     lg = ScaleMismatch(device)
-    adversarial = AdversarialGuide(exact_posterior_guide(lg), warmup_steps=100)
+    guide = exact_posterior_guide(lg)
+    adversarial = AdversarialELBO(warmup_steps=100)
     x = lg.data(1000)
-    elbo = JointContrastiveELBO()
-    value = elbo.loss_and_grads(lg.model, adversarial, x)
+    value = adversarial.loss_and_grads(lg.model, guide, x)
     # The surrogate adds no value: the reported loss is the plug-in divergence estimate.
     assert value == pytest.approx(1000 * adversarial.diagnostics["kl"], rel=1e-5)
     grad = pyro.param("noise_scale").grad
     assert grad is not None and grad.item() < 0  # raise the noise towards the data's 1.6
     # No gradient step on loss(): it only evaluates.
     pyro.param("noise_scale").grad = None
-    elbo.loss(lg.model, adversarial, x)
+    adversarial.loss(lg.model, guide, x)
     assert pyro.param("noise_scale").grad is None
 
 
@@ -271,8 +272,7 @@ def test_simulator_parameter_gets_a_zero_valued_surrogate_with_the_right_sign(de
 def test_simulator_parameter_is_learned_with_the_guide():
     lg = ScaleMismatch()
     guide = GaussianGuide()
-    adversarial = AdversarialGuide(guide)
-    svi = SVI(lg.model, adversarial, pyro.optim.Adam({"lr": 1e-2}), JointContrastiveELBO())
+    svi = SVI(lg.model, guide, pyro.optim.Adam({"lr": 1e-2}), AdversarialELBO())
     for _ in range(2000):
         svi.step(lg.data())
     assert pyro.param("noise_scale").item() == pytest.approx(lg.true_scale, rel=0.03)
@@ -291,11 +291,12 @@ def test_unreachable_simulator_parameters_are_reported():
             )
             pyro.sample("x", x_dist, obs=x)
 
-    adversarial = AdversarialGuide(exact_posterior_guide(lg), warmup_steps=0)
     with pytest.warns(
         RuntimeWarning, match="'x' depends on learnable parameters but is not reparameterized"
     ):
-        JointContrastiveELBO().loss_and_grads(black_box_model, adversarial, lg.data())
+        AdversarialELBO(warmup_steps=0).loss_and_grads(
+            black_box_model, exact_posterior_guide(lg), lg.data()
+        )
 
     def explicit_after_implicit(x):
         s = pyro.param("noise_scale", torch.tensor(1.0))
@@ -319,9 +320,8 @@ def test_unreachable_simulator_parameters_are_reported():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("w", dist.MultivariateNormal(guide.linear(x), scale_tril=guide.scale_tril))
 
-    adversarial = AdversarialGuide(renamed, warmup_steps=0)
     with pytest.raises(NotImplementedError, match="Explicit site 'x' depends on the implicit"):
-        JointContrastiveELBO().loss_and_grads(explicit_after_implicit, adversarial, lg.data())
+        AdversarialELBO(warmup_steps=0).loss_and_grads(explicit_after_implicit, renamed, lg.data())
 
 
 def test_discriminator_is_hidden_from_svi_and_restored_with_state():
@@ -338,16 +338,16 @@ def test_discriminator_is_hidden_from_svi_and_restored_with_state():
     assert {"accuracy", "kl", "exp_t_model", "held_out_gap"} <= diagnostics
 
     x = lg.data()
-    built = AdversarialGuide(GaussianGuide(), warmup_steps=0)
-    built.loss(lg.model, x)  # builds its own discriminator
+    built = AdversarialELBO(warmup_steps=0)
+    built.loss(lg.model, GaussianGuide(), x)  # builds its own discriminator
     built.load_state_dict(adversarial.state_dict())
     for name, value in adversarial.discriminator.state_dict().items():
         assert torch.equal(built.discriminator.state_dict()[name], value)
     assert built.num_guide_steps == 3
 
-    fresh = AdversarialGuide(GaussianGuide(), warmup_steps=0)
+    fresh = AdversarialELBO(warmup_steps=0)
     fresh.load_state_dict(adversarial.state_dict())  # applied when the first step builds it
-    fresh.loss(lg.model, x)
+    fresh.loss_and_grads(lg.model, GaussianGuide(), x)
     steps = [o.optimizer.state_dict()["state"][0]["step"].item() for o in (adversarial, fresh)]
     assert steps[1] == steps[0] + 1 and fresh.num_guide_steps == 4
 
@@ -369,7 +369,7 @@ def test_errors_name_the_site_and_the_fix():
         pyro.sample("x", dist.Normal(z @ lg.A.T, SIGMA).to_event(1), obs=x[0])
 
     with pytest.raises(ValueError, match="data plate"):
-        AdversarialGuide(GaussianGuide()).loss(no_plate, x)
+        AdversarialELBO().loss(no_plate, GaussianGuide(), x)
 
     def extra_dim(x):
         with pyro.plate("data", x.shape[0]):
@@ -377,7 +377,7 @@ def test_errors_name_the_site_and_the_fix():
             pyro.sample("x", dist.Normal(z @ lg.A.T, SIGMA).to_event(1), obs=x.unsqueeze(0))
 
     with pytest.raises(ObservationShapeError, match=r"'x'.*shape \(1, 8, \d+\)"):
-        AdversarialGuide(GaussianGuide()).loss(extra_dim, x)
+        AdversarialELBO().loss(extra_dim, GaussianGuide(), x)
 
     def global_latent(x):
         shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
@@ -386,13 +386,13 @@ def test_errors_name_the_site_and_the_fix():
             pyro.sample("x", dist.Normal(z @ lg.A.T + shift, SIGMA).to_event(1), obs=x)
 
     with pytest.raises(NotImplementedError, match="'shift' is outside the data plate"):
-        AdversarialGuide(GaussianGuide()).loss(global_latent, x)
+        AdversarialELBO().loss(global_latent, GaussianGuide(), x)
 
     def empty_guide(x):
         pass
 
     with pytest.raises(MissingGuideSiteError, match=r"\['z'\]"):
-        AdversarialGuide(empty_guide).loss(lg.model, x)
+        AdversarialELBO().loss(lg.model, empty_guide, x)
 
     def not_reparameterized(x):
         with pyro.plate("data", x.shape[0]):
@@ -401,10 +401,10 @@ def test_errors_name_the_site_and_the_fix():
             )
 
     with pytest.raises(ValueError, match="'z' is not reparameterized"):
-        AdversarialGuide(not_reparameterized).loss(lg.model, x)
+        AdversarialELBO().loss(lg.model, not_reparameterized, x)
 
     with pytest.raises(ValueError, match="divergence"):
-        AdversarialGuide(GaussianGuide(), divergence="wasserstein")
+        AdversarialELBO(divergence="wasserstein")
 
 
 @settings(max_examples=10, deadline=None)
@@ -498,10 +498,10 @@ def test_residual_alone_gives_zero_kl_for_the_exact_posterior(
         parts = x.split(x_sizes, -1)
         return [p if p.shape[-1] > 1 else p.squeeze(-1) for p in parts]
 
-    adversarial = AdversarialGuide(exact_guide, learning_rate=0.0, warmup_steps=20)
+    adversarial = AdversarialELBO(learning_rate=0.0, warmup_steps=20)
     estimates = []
     for _ in range(30):
-        estimates.append(adversarial.loss(model, *data(512)) / 512)
+        estimates.append(adversarial.loss_and_grads(model, exact_guide, *data(512)) / 512)
     assert adversarial.diagnostics["exp_t_model"] == pytest.approx(1.0, abs=0.3)
     assert abs(sum(estimates) / len(estimates)) < 0.1
 
@@ -537,35 +537,36 @@ class Memorizer(ConstantLogit):
 
     def __init__(self):
         super().__init__(0.0)
-        self.seen = torch.zeros(0, 5)
+        # Rows are remembered by a random projection (identical rows, identical keys).
+        self.key = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        self.seen = torch.zeros(0, dtype=torch.float64)
 
     def forward(self, f):
-        if torch.is_grad_enabled():  # a training step: remember the pairs
-            self.seen = torch.cat([self.seen, f.detach()])
+        keys = f.detach().double() @ self.key
+        # A training step (the guide step detaches the parameters; evaluations are no_grad).
+        if torch.is_grad_enabled() and self.unused.requires_grad:
+            self.seen = torch.cat([self.seen, keys]).unique()
             return super().forward(f)
-        known = (f.unsqueeze(-2) == self.seen).all(-1).any(-1, keepdim=True)
-        return 5.0 * known.to(f.dtype)
+        return 5.0 * torch.isin(keys, self.seen).to(f.dtype).unsqueeze(-1)
 
 
 def test_warns_when_e_p_exp_t_is_far_from_one():
     # T = 2 everywhere: E_p[exp T] = e^2 = 7.39 while the plug-in KL (2) is estimable.
     lg = LinearGaussian()
-    adversarial = AdversarialGuide(
-        exact_posterior_guide(lg), discriminator=ConstantLogit(2.0), residual=False, warmup_steps=0
-    )
+    guide = exact_posterior_guide(lg)
+    adversarial = AdversarialELBO(discriminator=ConstantLogit(2.0), residual=False, warmup_steps=0)
     with pytest.warns(RuntimeWarning, match=r"E_p\[exp T\] = 7.39 over the last 100"):
         for _ in range(200):  # checks every 100 steps, from the second window on
-            adversarial.loss(lg.model, lg.data())
+            adversarial.loss_and_grads(lg.model, guide, lg.data())
 
 
 def test_warns_when_the_discriminator_overfits_its_training_pairs():
     lg = LinearGaussian()
-    adversarial = AdversarialGuide(
-        exact_posterior_guide(lg), discriminator=Memorizer(), residual=False, warmup_steps=0
-    )
+    guide = exact_posterior_guide(lg)
+    adversarial = AdversarialELBO(discriminator=Memorizer(), residual=False, warmup_steps=0)
     with pytest.warns(RuntimeWarning, match=r"\+5 higher on the pairs .* overfitting"):
         for _ in range(200):
-            adversarial.loss(lg.model, lg.data())
+            adversarial.loss_and_grads(lg.model, guide, lg.data())
     assert adversarial.diagnostics["held_out_gap"] == pytest.approx(5.0)
 
 
@@ -573,10 +574,71 @@ def test_a_healthy_run_does_not_warn():
     # The exact guide with the default residual discriminator: 200 steps, no warning (warnings
     # are errors in this suite).
     lg = LinearGaussian()
-    adversarial = AdversarialGuide(exact_posterior_guide(lg), warmup_steps=50)
+    guide = exact_posterior_guide(lg)
+    adversarial = AdversarialELBO(warmup_steps=50)
     for _ in range(200):
-        adversarial.loss(lg.model, lg.data())
+        adversarial.loss_and_grads(lg.model, guide, lg.data())
     assert (
         abs(adversarial.diagnostics["held_out_gap"])
         < 5 * adversarial.diagnostics["held_out_gap_se"] + 0.01
     )
+
+
+def test_evaluate_loss_trains_nothing_and_a_step_trains_the_discriminator():
+    """AdversarialELBO is a loss: svi.evaluate_loss estimates with the current discriminator
+    (its state, optimizer and step count unchanged), svi.step trains it, then the guide."""
+    lg = LinearGaussian()
+    guide = GaussianGuide()
+    adversarial = AdversarialELBO(warmup_steps=5)
+    svi = SVI(lg.model, guide, pyro.optim.Adam({"lr": 3e-3}), adversarial)
+    x = lg.data()
+    svi.evaluate_loss(x)  # builds the discriminator, untrained
+    before = adversarial.state_dict()
+    value = svi.evaluate_loss(x)
+    after = adversarial.state_dict()
+    assert after["num_guide_steps"] == 0 and after["optimizer"]["state"] == {}
+    for name, tensor in before["discriminator"].items():
+        assert torch.equal(after["discriminator"][name], tensor)
+    assert value == pytest.approx(N * adversarial.diagnostics["kl"], rel=1e-5)
+    svi.step(x)
+    trained = adversarial.state_dict()
+    assert trained["num_guide_steps"] == 1
+    assert trained["optimizer"]["state"][0]["step"].item() == 6  # warm-up 5, then 1
+    assert {"accuracy", "exp_t_model", "held_out_gap"} <= set(adversarial.diagnostics)
+
+
+def test_num_particles_average_guide_draws_per_datapoint():
+    lg = LinearGaussian()
+    calls = []
+
+    def counted(x):
+        calls.append(1)
+        exact_guide(x)
+
+    exact_guide = exact_posterior_guide(lg)
+    x = lg.data()
+    values = {}
+    for p in (1, 8):
+        adversarial = AdversarialELBO(num_particles=p, learning_rate=0.0, warmup_steps=0)
+        adversarial.loss(lg.model, counted, x)  # set up
+        calls.clear()
+        values[p] = [adversarial.loss(lg.model, counted, x) / N for _ in range(20)]
+        assert len(calls) == 20 * p
+    # The residual alone (a zero network) at the exact posterior: each estimate scatters
+    # around 0; averaging 8 draws per datapoint shrinks the scatter.
+    spread = {p: torch.tensor(v).std().item() for p, v in values.items()}
+    assert spread[8] < 0.6 * spread[1]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_num_particles_is_checked(bad):
+    with pytest.raises(ValueError, match="num_particles must be a positive integer"):
+        AdversarialELBO(num_particles=bad)
+
+
+def test_one_discriminator_per_model():
+    lg = LinearGaussian()
+    adversarial = AdversarialELBO(warmup_steps=0)
+    adversarial.loss(lg.model, GaussianGuide(), lg.data())
+    with pytest.raises(ValueError, match="built for another model"):
+        adversarial.loss(ScaleMismatch().model, GaussianGuide(), lg.data())

@@ -1,5 +1,5 @@
-"""Monte-Carlo means of the losses, their gradients and diagnostics against THEORY.md's closed
-forms on the linear-Gaussian model, within 4 standard errors."""
+"""Monte-Carlo means of the losses, their gradients and diagnostics against the closed forms
+of docs/theory.rst on the linear-Gaussian model, within 4 standard errors."""
 
 import math
 

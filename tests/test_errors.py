@@ -59,7 +59,7 @@ def test_implicit_likelihood(loss_cls):
 
     msg = step_params_unchanged(loss_cls, model, normal_guide, torch.zeros(3), ImplicitDensityError)
     assert "'x'" in msg and "observed" in msg and "implicit" in msg
-    assert "ForwardKL" in msg and "AdversarialGuide" in msg
+    assert "ForwardKL" in msg and "AdversarialELBO" in msg
 
 
 @pytest.mark.parametrize("loss_cls", LOSSES)
@@ -74,7 +74,7 @@ def test_implicit_guide(loss_cls):
             pyro.sample("z", SampleOnly(torch.zeros(3)))
 
     msg = step_params_unchanged(loss_cls, model, guide, torch.zeros(3), ImplicitDensityError)
-    assert "Guide site 'z'" in msg and "AdversarialGuide" in msg
+    assert "Guide site 'z'" in msg and "AdversarialELBO" in msg
 
 
 @pytest.mark.parametrize("loss_cls", LOSSES)

@@ -156,7 +156,7 @@ def test_implicit_likelihood(tmp_path):
     results = module.main(args)
     assert (tmp_path / "implicit_likelihood.png").stat().st_size > 0
     for rows in results["results"].values():
-        for method in ("ForwardKL", "AdversarialGuide"):
+        for method in ("ForwardKL", "AdversarialELBO"):
             assert rows[method]["kl_exact_to_guide"] >= -1e-3  # quadrature KLs are KLs
             assert rows[method]["kl_guide_to_exact"] >= -1e-3
 

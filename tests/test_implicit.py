@@ -72,7 +72,7 @@ def test_black_box_simulator_refuses_rsample():
 
 
 def test_log_prob_names_the_likelihood_free_losses():
-    with pytest.raises(ImplicitDensityError, match="ForwardKL.*AdversarialGuide"):
+    with pytest.raises(ImplicitDensityError, match="ForwardKL.*AdversarialELBO"):
         Implicit(lambda m: m, torch.zeros(2)).log_prob(torch.zeros(2))
 
 

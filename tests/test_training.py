@@ -1,4 +1,4 @@
-"""Training with the swapped loss reaches exact posteriors (THEORY.md closed forms)."""
+"""Training with the swapped loss reaches exact posteriors (closed forms of docs/theory.rst)."""
 
 import pyro
 import pyro.distributions as dist
