@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
+# The lowest versions pyproject.toml declares; `make test-lowest` runs the unit tier on them.
+LOWEST := .venv-lowest
+LOWEST_PINS := torch==$(TORCH_VERSION) pyro-ppl==1.9.0 numpy==1.26.4
 EPOCHS ?= 200
 
-.PHONY: setup demo test quick lint format docs benchmark clean
+.PHONY: setup demo test quick test-lowest lint format docs benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,12 +37,25 @@ format: setup
 docs: setup
 	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
-# The whole suite, slow statistical runs included (`make quick` leaves them out).
+# The whole suite, slow statistical runs included (`make quick` leaves them out), then the
+# unit tier on the lowest declared versions.
 test: lint docs
 	$(PY) -m pytest -q
+	$(MAKE) test-lowest
 
 quick: setup
 	$(PY) -m pytest -q -m "not slow"
+
+$(LOWEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q $(LOWEST_PINS) "pytest>=7" "hypothesis>=6"
+	$(LOWEST)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -c "import pyro, torch, numpy; print('lowest versions: pyro-ppl', pyro.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
+	$(LOWEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider tests
 
 benchmark: setup
 	$(PY) examples/benchmark_elbo.py
@@ -47,4 +63,4 @@ benchmark: setup
 	$(PY) examples/benchmark_sbi.py
 
 clean:
-	rm -rf $(VENV) docs/_build outputs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) docs/_build outputs .pytest_cache .ruff_cache .hypothesis

@@ -18,10 +18,11 @@ from .errors import (
     PlateShapeError,
     SimulatorError,
 )
-from .forward_kl import ForwardKL, simulate
+from .forward_kl import ForwardKL
 from .iwelbo import JointContrastiveIWELBO
+from .simulation import simulate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place of the version (pyproject.toml reads it)
 
 __all__ = [
     "AdversarialELBO",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -27,22 +29,16 @@ from torch.func import functional_call
 
 from .errors import MissingGuideSiteError
 from .joints import (
-    ObservationArguments,
     check_num_particles,
-    check_observed_shapes,
     data_frames,
-    find_data_plate,
     in_plate,
     is_missing_density,
-    latent_sites,
     model_joint_trace,
-    num_datapoints,
-    observed_sites,
-    observed_values,
     sample_sites,
     sum_to_datapoints,
     values_trace,
 )
+from .layout import ModelLayout
 from .nn import MLP, Standardize
 
 _DIVERGENCES = ("kl", "js")
@@ -119,19 +115,19 @@ class AdversarialELBO(ELBO):
 
     def __init__(
         self,
-        num_particles=1,
-        max_plate_nesting=math.inf,
-        vectorize_particles=False,
+        num_particles: int = 1,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = False,
         *,
-        discriminator=None,
-        divergence="kl",
-        discriminator_steps=1,
-        warmup_steps=200,
-        learning_rate=1e-3,
-        residual=True,
-        hidden_dims=(128, 128, 128),
-        observations=None,
-    ):
+        discriminator: nn.Module | None = None,
+        divergence: str = "kl",
+        discriminator_steps: int = 1,
+        warmup_steps: int = 200,
+        learning_rate: float = 1e-3,
+        residual: bool = True,
+        hidden_dims: Sequence[int] = (128, 128, 128),
+        observations: dict | Callable | None = None,
+    ) -> None:
         check_num_particles(num_particles)
         if divergence not in _DIVERGENCES:
             raise ValueError(f"divergence must be one of {_DIVERGENCES}, got {divergence!r}.")
@@ -170,7 +166,7 @@ class AdversarialELBO(ELBO):
 
     # -- public interface -------------------------------------------------------------------
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Estimate the divergence with the current discriminator; trains nothing (the
         discriminator is built, untrained, on the first call).
 
@@ -180,7 +176,9 @@ class AdversarialELBO(ELBO):
         with torch.no_grad():
             return self._step(model, guide, args, kwargs, train=False).item()
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Train the discriminator (as a step does), then return the guide's differentiable
         loss, for training loops that call ``backward`` themselves.
 
@@ -188,7 +186,7 @@ class AdversarialELBO(ELBO):
         """
         return self._step(model, guide, args, kwargs, train=True)
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Train the discriminator, then back-propagate the guide loss into the guide's (and
         the model's) parameters.
 
@@ -200,7 +198,9 @@ class AdversarialELBO(ELBO):
             loss.backward(retain_graph=self.retain_graph)
         return loss.item()
 
-    def train_discriminator(self, model, guide, *args, num_steps=1, **kwargs):
+    def train_discriminator(
+        self, model: Callable, guide: Callable, *args: Any, num_steps: int = 1, **kwargs: Any
+    ) -> dict:
         """Run ``num_steps`` discriminator steps with the guide held fixed (a warm-up, or the
         ratio of a frozen guide).
 
@@ -214,22 +214,33 @@ class AdversarialELBO(ELBO):
             self._discriminator_step(model, guide, args, kwargs)
         return dict(self.diagnostics)
 
-    def state_dict(self):
-        """The discriminator's and its optimizer's state (plus the step count)."""
+    def state_dict(self) -> dict:
+        """Everything the discriminator's training carries from step to step: the network's
+        and its optimizer's state, the feature standardization, the running moments of the
+        residual ratio, the health checks' windows and the step count. Tensors, numbers and
+        containers only (``torch.load(..., weights_only=True)`` reads them)."""
         net, opt = self.discriminator, self.optimizer
+        built = net is not None
         state = {
-            "discriminator": None if net is None else net.state_dict(),
-            "optimizer": None if opt is None else opt.state_dict(),
+            "discriminator": net.state_dict() if built else None,
+            "optimizer": opt.state_dict() if built else None,
+            "standardize": self.standardize.state_dict() if built else None,
+            "moments": _plain_moments(self._moments) if built else None,
+            "initial_moments": _plain_moments(self._initial_moments) if built else None,
+            "exp_t_window": list(self._exp_t_window),
+            "gap_window": list(self._gap_window),
             "num_guide_steps": self.num_guide_steps,
         }
         # A copy: torch's state dicts share the tensors that later steps update in place.
         return copy.deepcopy(state)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the discriminator is built on the next step (from the
         model's sites) if it does not exist yet, then loaded."""
         self._pending_state = state
         self.num_guide_steps = state["num_guide_steps"]
+        self._exp_t_window = list(state.get("exp_t_window", [0.0, 0]))
+        self._gap_window = list(state.get("gap_window", []))
         if self.discriminator is not None:
             self._load_pending()
 
@@ -310,12 +321,11 @@ class AdversarialELBO(ELBO):
 
     def _setup(self, model, guide, args, kwargs):
         # With gradients on, so that the sites' parameters show whether they are learnable.
-        with torch.enable_grad(), poutine.block():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-        check_observed_shapes(trace)
-        frame = find_data_plate(trace)
-        latents = latent_sites(trace)
-        observed = observed_sites(trace)
+        layout = ModelLayout(model, args, kwargs, observations=self._observations)
+        layout.check_observed_shapes()
+        trace, frame = layout.trace, layout.data_plate
+        latents = [trace.nodes[name] for name in layout.latent_sites]
+        observed = [trace.nodes[name] for name in layout.observed_sites]
         if frame is None:
             raise ValueError(
                 "AdversarialELBO contrasts per-datapoint pairs (z_i, x_i), so the model needs "
@@ -335,11 +345,11 @@ class AdversarialELBO(ELBO):
                     f"{frame.name!r}; give it an event shape (.to_event) instead."
                 )
         self._frame = frame
-        self._num_datapoints = num_datapoints(frame)
-        self._latents = [s["name"] for s in latents]
-        self._observed = [s["name"] for s in observed]
-        self._arguments = ObservationArguments(model, self._observations)
-        self._arguments.locate(observed_values(trace), args, kwargs)  # fails early if ambiguous
+        self._num_datapoints = layout.num_datapoints
+        self._latents = layout.latent_sites
+        self._observed = layout.observed_sites
+        self._layout = layout
+        layout.locations  # noqa: B018  (fails early when the data argument is ambiguous)
         with torch.no_grad():
             features = self._guide_pairs(model, guide, args, kwargs, explicit=False)["features"]
             model_pairs = self._model_pairs(model, guide, args, kwargs, explicit=False)
@@ -352,8 +362,10 @@ class AdversarialELBO(ELBO):
         )
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate)
         self._moments = None
-        # Moments from the set-up's pairs, so that the residual exists before any training.
+        # Moments of the set-up's pairs: the residual's Gaussians until the first
+        # discriminator step sets the running moments (an evaluation before any training).
         self._update_moments({"features": features}, model_pairs)
+        self._initial_moments, self._moments = self._moments, None
         self._guide_has_density = None
         self._implicit = {
             n for n in self._latents + self._observed if self._log_density(trace, [n]) is None
@@ -377,6 +389,11 @@ class AdversarialELBO(ELBO):
             self.discriminator.load_state_dict(state["discriminator"])
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("standardize") is not None:
+            self.standardize.load_state_dict(state["standardize"])
+        if state.get("initial_moments") is not None:
+            self._initial_moments = _tuple_moments(state["initial_moments"])
+            self._moments = _tuple_moments(state["moments"])
         self._pending_state = None
 
     # -- pairs ----------------------------------------------------------------------------
@@ -415,8 +432,7 @@ class AdversarialELBO(ELBO):
         """``log q(z | x)`` at model pairs: the simulated ``x`` passed to the guide, the
         simulated ``z`` replayed (``None`` for an implicit guide)."""
         sims = {n: model_trace.nodes[n]["value"] for n in self._observed}
-        real = observed_values(model_trace)  # this call's data, kept by uncondition
-        sim_args, sim_kwargs = self._arguments.substitute(real, sims, args, kwargs)
+        sim_args, sim_kwargs = self._layout.substitute(sims, args, kwargs)
         latents = values_trace({n: model_trace.nodes[n]["value"] for n in self._latents})
         guide_trace = poutine.trace(poutine.replay(guide, trace=latents)).get_trace(
             *sim_args, **sim_kwargs
@@ -583,7 +599,8 @@ class AdversarialELBO(ELBO):
     def _residual(self, pairs, f):
         """Known log densities plus moment-matched Gaussian log densities for the unknown
         ones, all in the units of the data."""
-        gauss = _GaussianTerms(self._moments, f, self._z_dim, self.standardize.std.log())
+        moments = self._initial_moments if self._moments is None else self._moments
+        gauss = _GaussianTerms(moments, f, self._z_dim, self.standardize.std.log())
         r = gauss.log_q_x()  # log k(x): never known
         log_q, log_prior, log_lik = pairs.get("log_q"), pairs.get("log_prior"), pairs.get("log_lik")
         r = r + (log_q if log_q is not None else gauss.log_q_z_given_x())
@@ -653,6 +670,15 @@ def _params_require_grad(fn):
             return True
         fn = getattr(fn, "base_dist", None)
     return False
+
+
+def _plain_moments(moments):
+    """Running moments ``{side: (mean, cov)}`` as plain containers (or ``None``)."""
+    return None if moments is None else {k: list(v) for k, v in moments.items()}
+
+
+def _tuple_moments(moments):
+    return None if moments is None else {k: tuple(v) for k, v in moments.items()}
 
 
 def _moments(f):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import operator
 import weakref
+from collections.abc import Callable, Sequence
 from functools import reduce
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -33,14 +35,10 @@ from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import IndependentTransform
 
 from .joints import (
-    ObservationArguments,
     data_frames,
-    find_data_plate,
     in_plate,
-    latent_sites,
-    observed_values,
-    sample_sites,
 )
+from .layout import ModelLayout
 from .nn import MLP, DeepSet, Standardize
 from .transforms import (
     ConditionalBoxSplineAutoregressive,
@@ -111,14 +109,14 @@ class AutoAmortizedGuide(PyroModule):
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
-        observations=None,
-        embedding=None,
-        context_dim=64,
-        hidden_dims=(64, 64),
-        interval_transform="sigmoid",
-    ):
+        observations: dict | Callable | None = None,
+        embedding: nn.Module | None = None,
+        context_dim: int = 64,
+        hidden_dims: Sequence[int] = (64, 64),
+        interval_transform: str = "sigmoid",
+    ) -> None:
         if interval_transform not in _INTERVAL_TRANSFORMS:
             raise ValueError(
                 f"interval_transform must be one of {_INTERVAL_TRANSFORMS}, got "
@@ -127,7 +125,7 @@ class AutoAmortizedGuide(PyroModule):
         super().__init__(name=type(self).__name__)
         self.interval_transform = interval_transform
         self._model = (model,)  # a tuple keeps a model nn.Module out of this module's children
-        self._arguments = ObservationArguments(model, observations)
+        self._observations = observations
         self._embedding_arg = embedding
         self.context_dim = context_dim
         self.hidden_dims = tuple(hidden_dims)
@@ -137,11 +135,9 @@ class AutoAmortizedGuide(PyroModule):
     # -- prototype --------------------------------------------------------------------------
 
     def _setup_prototype(self, *args, **kwargs):
-        model = self._model[0]
-        with torch.no_grad(), poutine.block():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-        self.prototype_trace = trace
-        latents = [s for s in latent_sites(trace)]
+        layout = ModelLayout(self._model[0], args, kwargs, observations=self._observations)
+        trace = self.prototype_trace = layout.trace
+        latents = [trace.nodes[name] for name in layout.latent_sites]
         if not latents:
             raise ValueError("The model has no latent sites: there is nothing to infer.")
         for site in latents:
@@ -151,17 +147,17 @@ class AutoAmortizedGuide(PyroModule):
                     "continuous latents. Write the guide by hand for discrete sites (e.g. a "
                     "Categorical whose logits come from a network of x)."
                 )
-        self._frame = find_data_plate(trace)
-        dims = [f.dim for s in sample_sites(trace) for f in data_frames(s)]
-        self._nesting = -min(dims) if dims else 0
-        obs = observed_values(trace)
+        self._frame = layout.data_plate
+        self._nesting = layout.plate_nesting
+        obs = layout.observations
         if not obs:
             raise ValueError(
                 f"The model has no observed site, so {type(self).__name__} has nothing to "
                 "condition on; give the data with obs=."
             )
-        self._locations = self._arguments.locate(obs, args, kwargs)
-        observed = {s["name"]: s for s in sample_sites(trace) if s["name"] in obs}
+        self._layout = layout
+        layout.locations  # noqa: B018  (fails early when the data argument is ambiguous)
+        observed = {name: trace.nodes[name] for name in layout.observed_sites}
         local = [s["name"] for s in latents if in_plate(s, self._frame)]
         glob = [s["name"] for s in latents if not in_plate(s, self._frame)]
         if local and glob:
@@ -268,7 +264,7 @@ class AutoAmortizedGuide(PyroModule):
     # -- observations -----------------------------------------------------------------------
 
     def _read(self, args, kwargs):
-        return self._arguments.read(self._locations, args, kwargs)
+        return self._layout.read(args, kwargs)
 
     def _prefix(self, observations):
         name, x = next(iter(observations.items()))
@@ -297,7 +293,7 @@ class AutoAmortizedGuide(PyroModule):
             feats.append(x.reshape(x.shape[: len(prefix) + 1] + (-1,)))
         return torch.cat(feats, -1)
 
-    def standardize(self, observations=None, latents=None):
+    def standardize(self, observations: dict | None = None, latents: dict | None = None) -> None:
         """Fit the standardization of observations and/or latents from samples, e.g. the
         simulations of a bank (called by :class:`~pyro_jc.ForwardKL`).
 
@@ -316,7 +312,7 @@ class AutoAmortizedGuide(PyroModule):
             self.latent_standardize.fit(u)
 
     @property
-    def is_standardized(self):
+    def is_standardized(self) -> bool:
         return self.prototype_trace is not None and self.latent_standardize.is_fitted
 
     # -- latents ----------------------------------------------------------------------------
@@ -398,41 +394,46 @@ class AutoAmortizedGuide(PyroModule):
         ``pyro.module`` would give it, so that SVI captures it; where the store already
         holds a value of that name (loaded with ``pyro.get_param_store().load``, or trained
         by an earlier guide of the same name) the store's tensor replaces the module's, so
-        the guide computes with what SVI optimizes. Floating-point buffers (the
-        standardization statistics) are kept in the store as constants (no ``pyro.param``
-        statement, so SVI never steps them), so that the store's ``save``/``load`` carries
-        them too. With Pyro's ``module_local_params`` setting the module's own attribute
-        states the parameters (as PyroModule does, without a store) and the module's
+        the guide computes with what SVI optimizes. The child modules' buffers (the
+        standardization statistics, the autoregressive layers' masks and orders) are kept
+        in the store as constants (no ``pyro.param`` statement, so SVI never steps them),
+        so that the store's ``save``/``load`` carries them too; they are compared with the
+        store only when a parameter was adopted or the store lost them (cleared), so a step
+        pays for no lookup. With Pyro's ``module_local_params`` setting the guide states
+        the parameters (as PyroModule does, without a store) and the module's
         ``state_dict`` holds everything."""
         if self._param_names is None:
             prefix = self._pyro_name + "." if self._pyro_name else ""
-            entries = []
+            params, buffers = [], []
             for child, module in self.named_children():
                 if isinstance(module, PyroModule):
                     continue
                 for name, p in module.named_parameters():
                     if p.requires_grad:
-                        entries.append((param_with_module_name(prefix + child, name), p))
+                        params.append((param_with_module_name(prefix + child, name), p))
                 for name, b in module.named_buffers():
                     if b is not None:
                         owner, _, attr = (child + "." + name).rpartition(".")
                         stored_name = param_with_module_name(prefix + child, name)
-                        entries.append(_StoredBuffer(stored_name, self, owner, attr))
-            self.__dict__["_param_names"] = entries
+                        owner = self.get_submodule(owner)
+                        buffers.append(_StoredBuffer(stored_name, owner, attr))
+            self.__dict__["_param_names"] = (params, buffers)
+        params, buffers = self._param_names
         if pyro.settings.get("module_local_params"):
-            for entry in self._param_names:
-                if not isinstance(entry, _StoredBuffer):
-                    _state_local_param(*entry)
+            for name, p in params:
+                _state_local_param(name, p)
             return
-        store = pyro.get_param_store()
-        for i, entry in enumerate(self._param_names):
-            if isinstance(entry, _StoredBuffer):
-                entry.sync(store)
-                continue
-            name, p = entry
+        adopted = False
+        for i, (name, p) in enumerate(params):
             stored = pyro.param(name, p)
             if stored is not p:
-                self._param_names[i] = (name, self._adopt(name, p, stored))
+                params[i] = (name, self._adopt(name, p, stored))
+                adopted = True
+        if buffers:
+            store = pyro.get_param_store()
+            full = adopted or buffers[0].name not in store
+            for entry in buffers:
+                entry.sync(store, full)
 
     def _adopt(self, name, current, stored):
         """Put the store's tensor ``stored`` in place of the module's parameter ``current``."""
@@ -557,7 +558,9 @@ class AutoAmortizedGuide(PyroModule):
     # -- sampling ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_posterior(self, *args, num_samples=1000, **kwargs):
+    def sample_posterior(
+        self, *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         """Draw ``num_samples`` posterior samples for the observations in ``args``, which may
         hold many observations at once along extra leading dims (the guide must have been
         set up by a call with the model's own arguments, e.g. by training).
@@ -586,7 +589,7 @@ class AutoAmortizedGuide(PyroModule):
                 "guide(*args) once (after pyro.get_param_store().load(...) too)."
             )
 
-    def log_prob(self, latents, *args, **kwargs):
+    def log_prob(self, latents: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``log q(z | x)`` of the latents at the observations in ``args``/``kwargs``: the
         amortized-posterior contract that :class:`~pyro_jc.ForwardKL`, the ELBOs'
         information estimate and :func:`~pyro_jc.diagnostics.sbc` rely on.
@@ -615,7 +618,7 @@ class AutoAmortizedGuide(PyroModule):
         return log_q.sum(tuple(range(-self._nesting, 0))) if self._nesting else log_q
 
     @torch.no_grad()
-    def median(self, *args, **kwargs):
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """The posterior median of each latent site at the observations in ``args`` (which
         may carry extra leading dims): the median of ``q(u | x)`` pushed to each site's
         support, as Pyro's ``AutoNormal.median`` (exact for coordinate-wise supports; for
@@ -628,7 +631,9 @@ class AutoAmortizedGuide(PyroModule):
         return self._from_unconstrained(self._median_unconstrained(args, kwargs))
 
     @torch.no_grad()
-    def quantiles(self, quantiles, *args, num_samples=10000, **kwargs):
+    def quantiles(
+        self, quantiles: Sequence[float], *args: Any, num_samples: int = 10000, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         """Marginal posterior quantiles of each latent site, in its support, at the
         observations in ``args`` (which may carry extra leading dims).
 
@@ -704,7 +709,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
     :param float init_scale: initial posterior scale (in standardized units).
     """
 
-    def __init__(self, model, *, init_scale=1.0, **kwargs):
+    def __init__(self, model: Callable, *, init_scale: float = 1.0, **kwargs: Any) -> None:
         if kwargs.get("interval_transform") == "box":
             raise ValueError(
                 "interval_transform='box' ends a flow with a spline of the box: use "
@@ -761,16 +766,16 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
-        transform="affine_autoregressive",
-        num_transforms=5,
-        flow_hidden_dims=(50, 50),
-        fast="log_prob",
-        count_bins=8,
-        bound=5.0,
-        **kwargs,
-    ):
+        transform: str = "affine_autoregressive",
+        num_transforms: int = 5,
+        flow_hidden_dims: Sequence[int] = (50, 50),
+        fast: str = "log_prob",
+        count_bins: int = 8,
+        bound: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
         if transform not in _FLOW_TRANSFORMS:
             raise ValueError(f"transform must be one of {_FLOW_TRANSFORMS}, got {transform!r}.")
         if fast not in ("log_prob", "sample"):
@@ -877,13 +882,17 @@ class _StoredBuffer:
     store); an integer or boolean one (fixed once built) is stored as a floating-point copy
     (exact for the small integers of an order)."""
 
-    def __init__(self, name, root, owner, attr):
-        self.name, self.root, self.owner, self.attr = name, root, owner, attr
+    def __init__(self, name, module, attr):
+        self.name, self.module, self.attr = name, module, attr
         self.stored = self.alias = None
 
-    def sync(self, store):
-        module = self.root.get_submodule(self.owner)
+    def sync(self, store, full=True):
+        """Bring the module's buffer and the store's value together; ``full=False`` only
+        notices a buffer the module replaced (``.to()``, ``load_state_dict``)."""
+        module = self.module
         current = module._buffers[self.attr]
+        if not full and current is self.alias:
+            return
         stored = store[self.name] if self.name in store else None
         if stored is not None and stored is self.stored and current is self.alias:
             return

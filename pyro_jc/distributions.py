@@ -10,6 +10,8 @@ likelihood-free losses (:class:`~pyro_jc.ForwardKL`, the adversarial guide) use 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,17 +79,17 @@ class Implicit(TorchDistribution):
 
     def __init__(
         self,
-        simulator,
-        *params,
-        event_shape=(),
-        param_event_dims=0,
-        vectorized=True,
-        numpy=False,
-        reparameterized=False,
-        support=constraints.real,
-        on_invalid="raise",
-        validate_args=None,
-    ):
+        simulator: Callable,
+        *params: Any,
+        event_shape: Sequence[int] = (),
+        param_event_dims: int | Sequence[int] = 0,
+        vectorized: bool = True,
+        numpy: bool = False,
+        reparameterized: bool = False,
+        support: constraints.Constraint = constraints.real,
+        on_invalid: str = "raise",
+        validate_args: bool | None = None,
+    ) -> None:
         if not callable(simulator):
             raise TypeError(f"Implicit needs a callable simulator, got {type(simulator)}.")
         if on_invalid not in _ON_INVALID:

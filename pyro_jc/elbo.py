@@ -12,16 +12,21 @@ diagnostics (reconstruction, rate, mutual information, marginal KL).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.elbo import ELBO
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks
+from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from torch.distributions import kl_divergence
 
 from .decomposition import information_terms
 from .joints import (
     GuideJointTraces,
+    check_data_entropy,
+    check_num_particles,
     find_data_plate,
     latent_sites,
     num_datapoints,
@@ -91,19 +96,20 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
 
     def __init__(
         self,
-        num_particles=1,
-        max_plate_nesting=math.inf,
-        vectorize_particles=False,
-        strict_enumeration_warning=True,
-        ignore_jit_warnings=False,
-        jit_options=None,
-        retain_graph=None,
+        num_particles: int = 1,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        jit_options: dict | None = None,
+        retain_graph: bool | None = None,
         *,
-        beta=1.0,
-        data_entropy=None,
-        data_plate=None,
-        estimate_information=False,
-    ):
+        beta: float = 1.0,
+        data_entropy: float | None = None,
+        data_plate: str | None = None,
+        estimate_information: bool = False,
+    ) -> None:
+        check_num_particles(num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -116,7 +122,7 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
         if not beta >= 0:
             raise ValueError(f"beta must be non-negative, got {beta}.")
         self.beta = float(beta)
-        self.data_entropy = data_entropy
+        self.data_entropy = check_data_entropy(data_entropy)
         self.data_plate = data_plate
         self.estimate_information = estimate_information
         self.diagnostics = {}
@@ -239,7 +245,7 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
 
     # -- public interface -----------------------------------------------------------------
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: an estimate of the loss (the negative ELBO summed over the data set, minus
             ``num_datapoints * data_entropy`` when that is given).
@@ -249,7 +255,9 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
             loss, _ = self._evaluate(model, guide, args, kwargs, backward=False)
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: a differentiable surrogate whose value is the loss estimate and whose
             gradient is the gradient estimator used by :meth:`loss_and_grads`.
@@ -260,7 +268,7 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
             surrogate_loss = torch.tensor(float(surrogate_loss))
         return surrogate_loss + (loss - surrogate_loss.detach())
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         Computes the loss and back-propagates its surrogate into the parameters of the model
         and the guide, particle by particle.
@@ -277,13 +285,23 @@ class JointContrastiveMeanFieldELBO(JointContrastiveELBO):
     computed analytically, :math:`\mathrm{KL}[q(z|x)\|p(z|\cdot)]`, where torch or Pyro register
     a KL for the pair of distributions; other sites fall back to Monte Carlo. The estimator has
     lower variance than the Monte-Carlo one and the same expectation, as in
-    :class:`~pyro.infer.TraceMeanField_ELBO`. Parents of a site are taken at their sampled
-    values, so the estimator stays unbiased for guides with dependencies between sites.
+    :class:`~pyro.infer.TraceMeanField_ELBO`, under the same restriction: the guide's sites
+    must be conditionally independent given what the model conditions them on (mean
+    field). When a guide site depends on another guide site the analytic KL is taken at the
+    sampled parent, and the value (and in general the gradient) is biased, exactly as
+    Pyro's; with validation enabled, a guide that samples its sites in another order than
+    the model gets Pyro's warning ("Failed to verify mean field restriction").
 
     Takes the same arguments as :class:`JointContrastiveELBO`. With
     ``estimate_information=True``, the mutual information is still a Monte-Carlo estimate,
     so ``rate = mutual_information + marginal_kl`` holds in expectation only.
     """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        if is_validation_enabled():
+            _check_mean_field_requirement(model_trace, guide_trace)  # Pyro's own check
+        return model_trace, guide_trace
 
     def _rate_terms(self, model_trace, guide_trace):
         rate = 0.0
@@ -310,16 +328,21 @@ class JointContrastiveMeanFieldELBO(JointContrastiveELBO):
 
 
 def _analytic_kl(guide_site, model_site):
-    """Scaled, masked and summed ``KL[q || p]`` at a site, or ``None`` without a closed form or
-    a reparameterized guide."""
+    """Scaled, masked and summed ``KL[q || p]`` at a site, or ``None`` without a closed form,
+    a reparameterized guide, or the same mask and scale on both sides (a model site masked
+    alone keeps the guide's ``log q``, which only the Monte-Carlo term has)."""
     guide_fn, model_fn = guide_site["fn"], model_site["fn"]
     if not guide_fn.has_rsample:
+        return None
+    if model_site["mask"] is not guide_site["mask"] or model_site["scale"] != guide_site["scale"]:
         return None
     try:
         kl = kl_divergence(guide_fn, model_fn)
     except NotImplementedError:
         return None
     log_prob = model_site["log_prob"]
+    if not torch.is_tensor(kl):  # Pyro's KL of a pair masked out entirely is the number 0
+        kl = log_prob.new_full((), float(kl))
     if kl.shape != log_prob.shape:
         kl = kl.expand(torch.broadcast_shapes(kl.shape, log_prob.shape))
     return scale_and_mask(kl, model_site["scale"], model_site["mask"]).sum()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.distributions.util import is_identically_zero
@@ -10,6 +12,8 @@ from pyro.infer.elbo import ELBO
 
 from .joints import (
     GuideJointTraces,
+    check_data_entropy,
+    check_num_particles,
     find_data_plate,
     in_plate,
     num_datapoints,
@@ -62,15 +66,16 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
 
     def __init__(
         self,
-        num_particles=2,
-        max_plate_nesting=math.inf,
-        vectorize_particles=True,
-        strict_enumeration_warning=True,
-        retain_graph=None,
+        num_particles: int = 2,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
+        retain_graph: bool | None = None,
         *,
-        data_entropy=None,
-        data_plate=None,
-    ):
+        data_entropy: float | None = None,
+        data_plate: str | None = None,
+    ) -> None:
+        check_num_particles(num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -78,7 +83,7 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
             strict_enumeration_warning=strict_enumeration_warning,
             retain_graph=retain_graph,
         )
-        self.data_entropy = data_entropy
+        self.data_entropy = check_data_entropy(data_entropy)
         self.data_plate = data_plate
         self.diagnostics = {}
 
@@ -157,7 +162,7 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
         }
         return loss, surrogate_loss
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: an estimate of the negative importance-weighted bound.
         :rtype: float
@@ -166,7 +171,9 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
             loss, _ = self._evaluate(model, guide, args, kwargs)
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         :returns: a differentiable surrogate of the loss (value: the loss estimate).
         :rtype: torch.Tensor
@@ -174,7 +181,7 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
         loss, surrogate_loss = self._evaluate(model, guide, args, kwargs)
         return surrogate_loss + (loss - surrogate_loss.detach())
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: an estimate of the loss, after back-propagating its surrogate.
         :rtype: float
@@ -184,7 +191,9 @@ class JointContrastiveIWELBO(GuideJointTraces, ELBO):
             surrogate_loss.backward(retain_graph=self.retain_graph)
         return loss
 
-    def log_evidence(self, model, guide, *args, **kwargs):
+    def log_evidence(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Per-datapoint estimate of :math:`\\log p(x_n)` with ``K = num_particles`` importance
         samples (a stochastic lower bound whose bias shrinks as ``K`` grows).
 

@@ -22,7 +22,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
-from .distributions import SimulatorSites
+from .distributions import INVALID_KEY, SimulatorSites
 from .errors import (
     ImplicitDensityError,
     MissingGuideSiteError,
@@ -49,6 +49,21 @@ def check_num_particles(num_particles):
     """Raise ``ValueError`` unless ``num_particles`` is a positive integer."""
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}.")
+
+
+def check_data_entropy(data_entropy):
+    """``data_entropy`` as a float (``None`` stays ``None``); ``ValueError`` for anything
+    that is not a finite real number (in nats per datapoint)."""
+    if data_entropy is None:
+        return None
+    if isinstance(data_entropy, bool) or not isinstance(data_entropy, int | float):
+        raise ValueError(
+            "data_entropy must be a number (the entropy of the data distribution in nats per "
+            f"datapoint) or None; got {data_entropy!r}."
+        )
+    if not math.isfinite(data_entropy):
+        raise ValueError(f"data_entropy must be finite, got {data_entropy!r}.")
+    return float(data_entropy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +433,59 @@ def model_joint_trace(model, args, kwargs, num_samples=None, max_plate_nesting=N
             raise ValueError("model_joint_trace needs a finite max_plate_nesting to vectorize.")
         fn = pyro.plate(PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)(fn)
     return prune_subsample_sites(_run_traced(fn, "model", args, kwargs))
+
+
+def model_joint_pairs(model, args, kwargs, num_samples=None, max_plate_nesting=None, pad=False):
+    """Pairs ``(z, x) ~ p(z, x)`` from :func:`model_joint_trace`, as detached tensors.
+
+    :param int num_samples: pairs drawn at once in a plate over simulations (dim
+        ``-max_plate_nesting - 1``); ``None`` draws one unbatched pair.
+    :param int max_plate_nesting: the model's plate depth.
+    :param bool pad: give an unbatched pair the layout of a plate over one simulation (a
+        leading dim of size 1, the batch dims padded to the nesting).
+    :returns: ``(latents, observations, invalid)``: ``{site: value}`` of the latent and of
+        the (released) observed sites, and a boolean mask of invalid simulations (see
+        ``Implicit(on_invalid="drop")``) or ``None`` when no site reported any.
+    """
+    trace = model_joint_trace(
+        model, args, kwargs, num_samples, max_plate_nesting if num_samples is not None else None
+    )
+    latents, observations = {}, {}
+    for site in sample_sites(trace):
+        released = site["infer"].get("was_observed")
+        if site["is_observed"] and not released:
+            continue
+        (observations if released else latents)[site["name"]] = site["value"].detach()
+    invalid = _invalid_per_simulation(trace, num_samples)
+    if num_samples is None and pad:
+        latents, observations = (
+            {
+                k: with_simulation_dim(v, len(trace.nodes[k]["fn"].event_shape), max_plate_nesting)
+                for k, v in values.items()
+            }
+            for values in (latents, observations)
+        )
+    return latents, observations, invalid
+
+
+def with_simulation_dim(value, event_dim, max_plate_nesting):
+    """An unbatched site value in the layout of a plate over one simulation: batch dims
+    padded to ``max_plate_nesting`` and a leading dim of size 1."""
+    batch_dims = value.dim() - event_dim
+    return value.reshape((1,) * (max_plate_nesting + 1 - batch_dims) + value.shape)
+
+
+def _invalid_per_simulation(trace, num):
+    masks = [s["infer"][INVALID_KEY] for s in sample_sites(trace) if INVALID_KEY in s["infer"]]
+    if not masks:
+        return None
+    if num is None:
+        return torch.stack([m.any() for m in masks]).any().reshape(1)
+    out = None
+    for m in masks:
+        m = m.reshape(m.shape[0], -1).any(-1) if m.dim() > 0 else m.expand(num)
+        out = m if out is None else out | m
+    return out
 
 
 def observed_values(trace):

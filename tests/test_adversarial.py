@@ -163,6 +163,7 @@ def frozen_guide_estimate(lg, offset, residual, steps=400):
     return sum(estimates) / len(estimates), guide_kl(lg, guide)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target_kl", [0.5, 3.0])
 def test_ratio_estimates_the_joint_kl_with_the_guide_frozen(target_kl, device):
     lg = LinearGaussian(device)
@@ -174,6 +175,7 @@ def test_ratio_estimates_the_joint_kl_with_the_guide_frozen(target_kl, device):
     assert estimate == pytest.approx(exact, rel=0.05)
 
 
+@pytest.mark.slow
 def test_residual_ratio_fixes_the_underestimate_of_a_large_kl():
     lg = LinearGaussian()
     direction = torch.tensor([1.0, -1.0])
@@ -352,6 +354,7 @@ def test_discriminator_is_hidden_from_svi_and_restored_with_state():
     assert steps[1] == steps[0] + 1 and fresh.num_guide_steps == 4
 
 
+@pytest.mark.slow
 def test_js_divergence_moves_the_guide_towards_the_posterior():
     lg = LinearGaussian()
     guide = GaussianGuide()
@@ -407,6 +410,7 @@ def test_errors_name_the_site_and_the_fix():
         AdversarialELBO(divergence="wasserstein")
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(
     d=st.integers(1, 3),
@@ -560,6 +564,7 @@ def test_warns_when_e_p_exp_t_is_far_from_one():
             adversarial.loss_and_grads(lg.model, guide, lg.data())
 
 
+@pytest.mark.slow
 def test_warns_when_the_discriminator_overfits_its_training_pairs():
     lg = LinearGaussian()
     guide = exact_posterior_guide(lg)
@@ -570,6 +575,7 @@ def test_warns_when_the_discriminator_overfits_its_training_pairs():
     assert adversarial.diagnostics["held_out_gap"] == pytest.approx(5.0)
 
 
+@pytest.mark.slow
 def test_a_healthy_run_does_not_warn():
     # The exact guide with the default residual discriminator: 200 steps, no warning (warnings
     # are errors in this suite).

@@ -174,6 +174,7 @@ def test_box_standardization_is_fitted_before_the_clamp():
     assert (v.std(0) > (2 * theta - 1).std(0) * 1.01).all()  # the preimage is wider
 
 
+@pytest.mark.slow
 def test_box_density_integrates_to_one_in_two_dimensions():
     guide = GUIDES["box"](box_model, num_transforms=2)
     x = torch.tensor([0.9, 0.5])
@@ -228,6 +229,7 @@ def test_density_integrates_to_one_on_a_bounded_support(transform, interval):
     assert integral.item() == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.slow
 def test_forward_kl_flow_recovers_correlated_posterior():
     torch.manual_seed(0)
     lg = LinearGaussian.random(d=2, m=2, sigma=0.3, dtype=torch.float32)
@@ -255,6 +257,7 @@ def test_forward_kl_flow_recovers_correlated_posterior():
         assert corr.item() == pytest.approx((cov[0, 1] / sd.prod()).item(), abs=0.1)
 
 
+@pytest.mark.slow
 def test_set_embedding_for_iid_observations():
     # z ~ N(0, 1), x_i ~ N(z, 1), n = 8: posterior N(sum x / 9, 1 / 9).
     def model(x):
@@ -278,6 +281,7 @@ def test_set_embedding_for_iid_observations():
     assert torch.allclose(guide._context((x_test,), {}), guide._context((perm,), {}), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_local_latents_with_joint_contrastive_elbo(device):
     # z_i ~ N(0, 1), x_i ~ N(z_i, 0.5^2): posterior N(0.8 x_i, 0.2) per datapoint.
     def model(x):
@@ -365,6 +369,7 @@ def test_standardize_fits_once_and_follows_its_state(device):
     assert not s.is_fitted and torch.equal(s(x), x)
 
 
+@pytest.mark.slow
 def test_box_guide_recovers_a_posterior_cut_by_the_box():
     """theta ~ U(0, 1)^2, x ~ N(theta, 0.1^2): at x = (1, 0.5) the first coordinate's
     posterior is a normal cut at its mean by the bound (mean 1 - 0.1 sqrt(2/pi), sd

@@ -133,6 +133,7 @@ def test_reconstruction_and_rate_match_closed_form(cls, device):
         assert abs(est.item() - exact) < 4 * se.item() + 1e-6 * abs(exact)
 
 
+@pytest.mark.slow
 def test_information_terms_match_closed_form(device):
     """Amortized linear guide q(z|x) = N(Mx + c, S) on a large batch of evidence samples:
     I(x; z) and KL[q(z) || p(z)] have closed forms for x ~ N(b, C)."""
@@ -171,6 +172,7 @@ def test_information_terms_match_closed_form(device):
     assert abs(rate.item() - (mi + mkl).item()) < 1e-6
 
 
+@pytest.mark.slow
 def test_iw_discrete_gradient_matches_enumeration():
     """Score-function (VIMCO) gradients of the IW bound for a binary latent: the exact bound
     and its gradient follow by enumerating all 2^K assignments of the K particles."""

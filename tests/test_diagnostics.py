@@ -95,6 +95,7 @@ def test_sbc_runs_an_autoguide_in_batches_over_global_latents():
         sbc(model, no_scale, x, num_simulations=10, num_posterior_samples=9)
 
 
+@pytest.mark.slow
 def test_c2st_reports_chance_for_equal_distributions(device):
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(4000, 3, generator=g), torch.randn(4000, 3, generator=g)

@@ -110,6 +110,7 @@ def test_benchmark_forward_kl(capsys):
     assert "CSIS vs ForwardKL" in out and "ratio ForwardKL / PyTorch" in out
 
 
+@pytest.mark.slow
 def test_benchmark_sbi(tmp_path, capsys):
     pytest.importorskip("sbi")
     pytest.importorskip("sbibm")
@@ -128,6 +129,7 @@ def test_benchmark_sbi(tmp_path, capsys):
     assert re.search(r"two_moons +1 +2 ", out)  # fresh mode too
 
 
+@pytest.mark.slow
 def test_explaining_away(tmp_path):
     pytest.importorskip("matplotlib")
     module = load("explaining_away.py")

@@ -5,6 +5,7 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from exact import LinearGaussian, mean_and_se
 from hypothesis import given, settings
@@ -71,6 +72,7 @@ def test_rate_is_mutual_information_plus_marginal_kl(problem, particle_args):
     assert d["mutual_information"] <= math.log(x.shape[0]) + 1e-9
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(problems(), st.integers(2, 4))
 def test_vectorized_and_sequential_particles_agree_in_expectation(problem, num_particles):

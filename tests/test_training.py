@@ -34,6 +34,7 @@ class AmortizedGaussianGuide(PyroModule):
             pyro.sample("z", dist.MultivariateNormal(self.net(x[idx]), scale_tril=self.scale_tril))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss",
     [
@@ -64,6 +65,7 @@ def test_amortized_mlp_recovers_linear_gaussian_posterior(loss, device, request)
     assert ((guide_cov - cov).abs() < 0.1 * cov.diagonal().max()).all(), (guide_cov, cov)
 
 
+@pytest.mark.slow
 def test_model_parameter_learned_jointly(device):
     """Learning the offset ``b`` of the linear-Gaussian: the MLE is the data mean."""
     lg = LinearGaussian.random(2, 3, sigma=0.5, device=device, dtype=torch.float32)
@@ -81,6 +83,7 @@ def test_model_parameter_learned_jointly(device):
     assert torch.allclose(pyro.param("b"), x.mean(0), atol=0.02)
 
 
+@pytest.mark.slow
 def test_beta_bernoulli():
     x = torch.tensor([1.0] * 35 + [0.0] * 15)
 
@@ -108,6 +111,7 @@ def test_beta_bernoulli():
     assert fit.stddev.item() == pytest.approx(exact.stddev.item(), rel=0.1)
 
 
+@pytest.mark.slow
 def test_gamma_poisson():
     x = torch.tensor([2.0, 4.0, 3.0, 5.0, 1.0, 3.0, 4.0, 2.0, 6.0, 3.0])
 
@@ -135,6 +139,7 @@ def test_gamma_poisson():
     assert fit.stddev.item() == pytest.approx(exact.stddev.item(), rel=0.1)
 
 
+@pytest.mark.slow
 def test_mixture_with_discrete_assignment():
     """c ~ Bernoulli(1/2), x | c ~ N(2c - 1, 1): p(c = 1 | x) = sigmoid(2x) exactly, so an
     amortized logistic guide must converge to weight 2 and bias 0 (score-function gradients)."""

@@ -20,24 +20,28 @@ from torch.nn import functional as F
 
 
 def c2st(
-    X,
-    Y,
+    X: torch.Tensor,
+    Y: torch.Tensor,
     *,
-    num_folds=5,
-    seed=1,
-    z_score=True,
-    hidden_multiplier=10,
-    learning_rate=1e-3,
-    batch_size=200,
-    l2=1e-4,
-    tol=1e-4,
-    patience=10,
-    max_epochs=10000,
-):
+    num_folds: int = 5,
+    seed: int = 1,
+    z_score: bool = True,
+    hidden_multiplier: int = 10,
+    learning_rate: float = 1e-3,
+    batch_size: int = 200,
+    l2: float = 1e-4,
+    tol: float = 1e-4,
+    patience: int = 10,
+    max_epochs: int = 10000,
+) -> torch.Tensor:
     """Classifier two-sample test accuracy of samples ``X`` against samples ``Y``.
 
-    :param torch.Tensor X: ``(n, dim)`` samples (e.g. the reference posterior).
-    :param torch.Tensor Y: ``(m, dim)`` samples (e.g. the guide's).
+    :param torch.Tensor X: ``(n, dim)`` samples (e.g. the reference posterior); a numpy
+        array is converted.
+    :param torch.Tensor Y: ``(n, dim)`` samples (e.g. the guide's), as many as ``X``:
+        unequal sizes are refused (with unequal classes the accuracy of equal distributions
+        is not 0.5), as are non-finite values. A column that is constant in ``X`` keeps its
+        scale in the z-score.
     :param int num_folds: cross-validation folds.
     :param int seed: seeds the folds, initialization and minibatches (the global RNG is
         left untouched).
@@ -55,15 +59,38 @@ def c2st(
     **Reference:** Lopez-Paz and Oquab (2017), *Revisiting classifier two-sample tests*;
     Lueckmann et al. (2021), *Benchmarking simulation-based inference* (sbibm).
     """
+    X, Y = torch.as_tensor(X), torch.as_tensor(Y)  # numpy arrays and lists too
     if X.dim() != 2 or Y.dim() != 2 or X.shape[1] != Y.shape[1]:
         raise ValueError(
             f"c2st takes two (num_samples, dim) tensors of the same dim; got shapes "
             f"{tuple(X.shape)} and {tuple(Y.shape)}."
         )
+    if len(X) != len(Y):
+        raise ValueError(
+            f"c2st: X has {len(X)} samples and Y {len(Y)}. With unequal classes a classifier's "
+            "accuracy is not 0.5 for equal distributions (it can always guess the larger "
+            f"class); pass equal numbers, e.g. X[:{min(len(X), len(Y))}] and "
+            f"Y[:{min(len(X), len(Y))}]."
+        )
+    if len(X) < num_folds:
+        raise ValueError(
+            f"c2st needs at least num_folds={num_folds} samples of each distribution for "
+            f"{num_folds}-fold cross-validation; got {len(X)}."
+        )
+    for name, samples in (("X", X), ("Y", Y)):
+        bad = ~torch.isfinite(samples).all(-1) if samples.is_floating_point() else None
+        if bad is not None and bool(bad.any()):
+            raise ValueError(
+                f"c2st: {int(bad.sum())} of the {len(samples)} rows of {name} hold NaN or inf "
+                f"(first: row {int(bad.nonzero()[0])}); a classifier cannot score them. Drop "
+                "those rows (from both samples, to keep the sizes equal)."
+            )
     device, dtype = X.device, X.dtype if X.is_floating_point() else torch.get_default_dtype()
     X, Y = X.to(dtype), Y.to(device=device, dtype=dtype)
     if z_score:
         mean, std = X.mean(0), X.std(0)
+        # A column constant in X keeps its scale (dividing by 0 would erase it).
+        std = torch.where(std > 0, std, torch.ones_like(std))
         X, Y = (X - mean) / std, (Y - mean) / std
     data = torch.cat([X, Y])
     labels = torch.cat([X.new_zeros(len(X)), Y.new_ones(len(Y))])

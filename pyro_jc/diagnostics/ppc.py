@@ -4,18 +4,27 @@ fitted guide and compare summary statistics with the observed data (Gelman, Meng
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from ..joints import observed_values, plate_nesting
+from ..layout import ModelLayout
 
 _DRAWS_PLATE = "_ppc_draws"
 
 
 def posterior_predictive_check(
-    model, guide, *args, statistics, num_samples=1000, max_plate_nesting=None, **kwargs
-):
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    statistics: dict[str, Callable],
+    num_samples: int = 1000,
+    max_plate_nesting: int | None = None,
+    **kwargs: Any,
+) -> dict:
     """Compare statistics of the observed data with their posterior predictive distribution.
 
     Draws ``num_samples`` latents from ``guide`` given the data (one vectorized guide run
@@ -32,16 +41,20 @@ def posterior_predictive_check(
     :returns: ``{name: {"observed": t, "replicated": (num_samples,) tensor,
         "p_value": P(T(x_rep) >= T(x))}}``; p-values near 0 or 1 flag a misfit.
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(
+            f"posterior_predictive_check: num_samples must be a positive integer, got "
+            f"{num_samples!r}."
+        )
     if not statistics:
         raise ValueError("posterior_predictive_check needs at least one statistic.")
-    with torch.no_grad(), poutine.block():
-        prototype = poutine.trace(model).get_trace(*args, **kwargs)
-    observed = observed_values(prototype)
+    layout = ModelLayout(model, args, kwargs)
+    observed = layout.observations
     if not observed:
         raise ValueError(
             "The model has no observed site: give the data with pyro.sample(..., obs=data)."
         )
-    nesting = plate_nesting(prototype) if max_plate_nesting is None else max_plate_nesting
+    nesting = layout.plate_nesting if max_plate_nesting is None else max_plate_nesting
     with torch.no_grad(), poutine.block():
         with pyro.plate(_DRAWS_PLATE, num_samples, dim=-nesting - 1):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)

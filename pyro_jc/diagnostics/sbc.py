@@ -9,13 +9,16 @@ middle; a biased one, on one side.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from ..forward_kl import ForwardKL, simulate
+from ..layout import ModelLayout
+from ..simulation import simulate
 
 _DRAWS_PLATE = "_sbc_draws"
 _SIMULATIONS_PLATE = "_sbc_simulations"
@@ -67,18 +70,18 @@ class SBCResult:
 
 
 def sbc(
-    model,
-    guide,
-    *args,
-    num_simulations=1000,
-    num_posterior_samples=99,
-    batch_size=None,
-    num_bins=None,
-    coverage_levels=(0.5, 0.8, 0.9, 0.95, 0.99),
-    observations=None,
-    max_plate_nesting=None,
-    **kwargs,
-):
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_simulations: int = 1000,
+    num_posterior_samples: int = 99,
+    batch_size: int | None = None,
+    num_bins: int | None = None,
+    coverage_levels: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.99),
+    observations: dict | Callable | None = None,
+    max_plate_nesting: int | None = None,
+    **kwargs: Any,
+) -> SBCResult:
     """Simulation-based calibration of an amortized ``guide`` for ``model``.
 
     Simulates ``num_simulations`` pairs ``(z*, x)`` from the model (vectorized, as
@@ -116,19 +119,26 @@ def sbc(
     inference algorithms with simulation-based calibration*, arXiv:1804.06788.
     """
     L = num_posterior_samples
+    for name, value, least in (
+        ("num_simulations", num_simulations, 2),
+        ("num_posterior_samples", L, 1),
+        ("num_bins", 1 if num_bins is None else num_bins, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"sbc: {name} must be an integer >= {least}, got {value!r}.")
+    levels = tuple(coverage_levels)
+    if not all(0 < level < 1 for level in levels):
+        raise ValueError(f"sbc: coverage_levels must lie in (0, 1), got {levels}.")
     num_bins = _choose_bins(L, num_simulations) if num_bins is None else num_bins
     if (L + 1) % num_bins:
         raise ValueError(
             f"num_bins={num_bins} does not divide the {L + 1} possible ranks evenly; choose "
             f"a divisor of num_posterior_samples + 1."
         )
-    # ForwardKL's set-up finds the plate depth and where the data enter the arguments.
-    layout = ForwardKL(
-        num_particles=1, observations=observations, max_plate_nesting=max_plate_nesting or math.inf
-    )
-    layout._warned.add("params")  # it trains nothing: no warning about model parameters
-    layout._setup(model, args, kwargs)
-    nesting = layout.max_plate_nesting
+    # The plate depth and where the data enter the arguments.
+    layout = ModelLayout(model, args, kwargs, observations=observations)
+    layout.check_observed_shapes()
+    nesting = layout.plate_nesting if max_plate_nesting is None else max_plate_nesting
     bank = simulate(
         model, *args, num_simulations=num_simulations, max_plate_nesting=nesting, **kwargs
     )
@@ -150,9 +160,7 @@ def _guide_draws(guide, layout, args, kwargs, sims, num_draws, nesting, names):
     """``{site: (L, n, ...)}``: ``L`` guide draws for each of ``n`` simulated data sets, in
     one guide run inside plates over draws and simulations."""
     n = next(iter(sims.values())).shape[0]
-    guide_args, guide_kwargs = layout._arguments.substitute(
-        layout._prototype_obs, sims, args, kwargs
-    )
+    guide_args, guide_kwargs = layout.substitute(sims, args, kwargs)
     with torch.no_grad(), poutine.block():
         with pyro.plate(_DRAWS_PLATE, num_draws, dim=-nesting - 2):
             with pyro.plate(_SIMULATIONS_PLATE, n, dim=-nesting - 1):

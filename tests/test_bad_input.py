@@ -1,0 +1,152 @@
+"""Bad input gets a clear, early error naming the argument and the remedy."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from pyro_jc import (
+    AdversarialELBO,
+    ForwardKL,
+    JointContrastiveELBO,
+    JointContrastiveIWELBO,
+    JointContrastiveMeanFieldELBO,
+)
+from pyro_jc.diagnostics import c2st, posterior_predictive_check, sbc
+from pyro_jc.testing import BetaBernoulliModel
+
+LOSSES = [
+    JointContrastiveELBO,
+    JointContrastiveMeanFieldELBO,
+    JointContrastiveIWELBO,
+    ForwardKL,
+    AdversarialELBO,
+]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_every_loss_checks_num_particles_in_its_constructor(loss, bad):
+    with pytest.raises(ValueError, match=r"num_particles must be a positive integer, got"):
+        loss(num_particles=bad)
+
+
+@pytest.mark.parametrize(
+    "loss", [JointContrastiveELBO, JointContrastiveIWELBO], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("bad", ["abc", math.nan, math.inf, [1.0]])
+def test_data_entropy_is_a_finite_number(loss, bad):
+    with pytest.raises(ValueError, match="data_entropy must be"):
+        loss(data_entropy=bad)
+    assert loss(data_entropy=3).data_entropy == 3.0
+
+
+def test_c2st_refuses_broken_input_instead_of_reading_chance():
+    """One NaN row made separated samples read 0.50; NaN in Y 0.597; a constant column
+    (zero std) 0.50; 1,000 against 50 samples of one distribution 0.95."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g) + 3.0
+    for broken, name in ((X, "X"), (Y, "Y")):
+        for value in (math.nan, math.inf):
+            corrupted = broken.clone()
+            corrupted[7, 1] = value
+            args = (corrupted, Y) if name == "X" else (X, corrupted)
+            with pytest.raises(ValueError, match=f"1 of the 200 rows of {name}.*row 7"):
+                c2st(*args)
+    with pytest.raises(ValueError, match="X has 1000 samples and Y 50.*equal numbers"):
+        c2st(torch.randn(1000, 2, generator=g), torch.randn(50, 2, generator=g))
+    with pytest.raises(ValueError, match="at least num_folds=5"):
+        c2st(X[:2], Y[:2])
+    # A column constant in X (and shifted in Y) still separates the samples.
+    constant = torch.cat([X[:, :1], torch.zeros(200, 1)], -1)
+    shifted = torch.cat([X[:, :1].flip(0), torch.ones(200, 1)], -1)
+    assert c2st(constant, shifted).item() > 0.95
+    # numpy input is converted.
+    assert c2st(X.numpy(), Y.numpy()).item() > 0.9
+
+
+def test_sbc_and_predictive_check_check_their_counts():
+    problem = BetaBernoulliModel(2.0, 3.0, num_data=5)
+    for kwargs, match in (
+        ({"num_posterior_samples": 0}, "num_posterior_samples must be an integer >= 1"),
+        ({"num_bins": 0}, "num_bins must be an integer >= 1"),
+        ({"num_simulations": 1}, "num_simulations must be an integer >= 2"),
+        ({"coverage_levels": (0.5, 1.5)}, r"coverage_levels must lie in \(0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sbc(problem.model, problem.guide, problem.data, **kwargs)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        posterior_predictive_check(
+            problem.model,
+            problem.guide,
+            problem.data,
+            statistics={"mean": lambda v: v["x"].mean()},
+            num_samples=0,
+        )
+
+
+def test_mean_field_elbo_takes_sites_masked_out_entirely():
+    """A pair masked out entirely on both sides (``.mask(False)``): Pyro's kl_divergence is
+    the number 0, which failed with "'float' object has no attribute 'shape'"; now the pair
+    adds nothing, as if it were not there (same draws, same value)."""
+
+    def model(x, extra=True):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if extra:
+            pyro.sample("w", dist.Normal(0.0, 1.0).mask(False))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x, extra=True):
+        pyro.sample("z", dist.Normal(0.5, 0.8))
+        if extra:
+            pyro.sample("w", dist.Normal(1.0, 0.5).mask(False))
+
+    x = torch.tensor(0.3)
+    values = []
+    for extra in (True, False):
+        pyro.set_rng_seed(0)
+        values.append(JointContrastiveMeanFieldELBO().loss(model, guide, x, extra))
+    assert values[0] == values[1]
+
+
+def test_mean_field_elbo_keeps_the_guide_term_of_a_site_masked_in_the_model_only():
+    """poutine.mask(mask=False) on the model's site only: the loss is Trace_ELBO's,
+    KL[q(z)||p(z)] + E_q[-log p(x|z)] + E_q[log q(w)] (the model's log p(w) masked, the
+    guide's log q(w) not), so the site falls back to Monte Carlo."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with poutine.mask(mask=False):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.5, 0.8))
+        pyro.sample("w", dist.Normal(1.0, 0.5))
+
+    x = torch.tensor(0.3)
+    kl_z = math.log(1 / 0.8) + (0.8**2 + 0.5**2) / 2 - 0.5
+    likelihood = 0.5 * math.log(2 * math.pi) + 0.5 * ((0.3 - 0.5) ** 2 + 0.8**2)
+    neg_entropy_w = -0.5 * math.log(2 * math.pi * math.e * 0.5**2)
+    exact = kl_z + likelihood + neg_entropy_w
+    elbo = JointContrastiveMeanFieldELBO(num_particles=40000, vectorize_particles=True)
+    # Per-particle sd of the Monte-Carlo terms is below 1: 4 SE < 0.02.
+    assert elbo.loss(model, guide, x) == pytest.approx(exact, abs=0.02)
+
+
+def test_mean_field_elbo_warns_as_pyro_when_the_guide_reorders_its_sites():
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(a, 1.0))
+
+    def guide():  # b first, then a depending on it: not mean field
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        pyro.sample("a", dist.Normal(b / 2, 0.5))
+
+    for elbo in (JointContrastiveMeanFieldELBO(), TraceMeanField_ELBO()):
+        with pytest.warns(UserWarning, match="Failed to verify mean field restriction"):
+            elbo.loss(model, guide)
