@@ -47,9 +47,27 @@ PUBLISHED_NPE = {
     "gaussian_linear": {1000: 0.694, 10000: 0.552},
     "two_moons": {1000: 0.725, 10000: 0.606},
 }
-#: Each side's flow: (sbi's density_estimator, pyro_jc's transform); 5 layers of width 50.
-FLOWS = {"maf": ("maf", "affine_autoregressive"), "nsf": ("nsf", "spline_autoregressive")}
 NUM_TRANSFORMS, HIDDEN = 5, 50
+
+
+def _zuko_nsf(features, context):
+    import zuko
+
+    return zuko.flows.NSF(
+        features, context, transforms=NUM_TRANSFORMS, hidden_features=(HIDDEN, HIDDEN), bins=10
+    )
+
+
+#: Each flow: (sbi's density_estimator, pyro_jc's AutoAmortizedFlow arguments); 5 layers of
+#: width 50. Box priors end pyro_jc's own flows with a clamp that leaves the interior as it
+#: is, then a spline of the box onto itself for posteriors cut by a face (sbi models theta
+#: itself and rejects samples that leak out of the box; this guide cannot leak); zuko's flow
+#: (``zuko_nsf``, pyro_jc's guide with ``flow=``) takes the soft clamp alone.
+FLOWS = {
+    "maf": ("maf", {"transform": "affine_autoregressive", "interval_transform": "box"}),
+    "nsf": ("nsf", {"transform": "spline_autoregressive", "interval_transform": "box"}),
+    "zuko_nsf": ("nsf", {"flow": _zuko_nsf, "interval_transform": "soft"}),
+}
 BATCH_SIZE, LEARNING_RATE, PATIENCE = 200, 5e-4, 20
 
 
@@ -69,16 +87,12 @@ def task_model(task):
 def make_guide(model, flow):
     return AutoAmortizedFlow(
         model,
-        transform=FLOWS[flow][1],
         num_transforms=NUM_TRANSFORMS,
         flow_hidden_dims=(HIDDEN, HIDDEN),
         count_bins=10,  # as sbi's nsf (10 bins); pyro_jc's default interval (5, sbi's is 3)
         bound=5.0,
         embedding=torch.nn.Identity(),  # as sbi: the flow is conditioned on z-scored x
-        # Box priors: a clamp that leaves the interior as it is, then a spline of the box onto
-        # itself for posteriors cut by a face (sbi models theta itself and rejects samples
-        # that leak out of the box; this guide cannot leak).
-        interval_transform="box",
+        **FLOWS[flow][1],
     )
 
 

@@ -15,8 +15,10 @@ from .errors import (
     NonFiniteError,
     ObservationArgumentError,
     ObservationShapeError,
+    ObservationTypeError,
     PlateShapeError,
     SimulatorError,
+    UnsampleableSiteError,
 )
 from .forward_kl import ForwardKL
 from .iwelbo import JointContrastiveIWELBO
@@ -32,6 +34,8 @@ __all__ = [
     "Implicit",
     "ObservationArgumentError",
     "ObservationShapeError",
+    "ObservationTypeError",
+    "UnsampleableSiteError",
     "SimulatorError",
     "simulate",
     "diagnostics",

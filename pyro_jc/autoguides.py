@@ -291,7 +291,9 @@ class AutoAmortizedGuide(PyroModule):
             if index is not None and x.shape[len(prefix)] != len(index):
                 x = x.index_select(len(prefix), index)
             feats.append(x.reshape(x.shape[: len(prefix) + 1] + (-1,)))
-        return torch.cat(feats, -1)
+        x = torch.cat(feats, -1)
+        # Counts and categories (integer data) enter the networks as floats.
+        return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
     def standardize(self, observations: dict | None = None, latents: dict | None = None) -> None:
         """Fit the standardization of observations and/or latents from samples, e.g. the
@@ -681,6 +683,14 @@ class AutoAmortizedGuide(PyroModule):
 
     def _median_unconstrained(self, args, kwargs):
         q_u = self._posterior(self._context(args, kwargs))
+        if isinstance(q_u, _StandardizedFlow):
+            flow = q_u.flow
+            if not (hasattr(flow, "base") and hasattr(flow, "transform")):
+                raise NotImplementedError(
+                    "median needs a flow with a base distribution and a transform (as zuko's "
+                    "NormalizingFlow); use quantiles([0.5], ...) for the empirical median."
+                )
+            return q_u.loc + q_u.scale * flow.transform.inv(flow.base.mean)
         base = q_u.base_dist if isinstance(q_u, dist.TransformedDistribution) else None
         if base is None:
             return q_u.mean
@@ -759,9 +769,27 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         training). Coupling layers are one pass both ways.
     :param int count_bins: spline bins.
     :param float bound: spline interval half-width (standardized units).
+    :param callable flow: a builder ``flow(features, context) -> nn.Module`` whose module,
+        called with the context ``(..., context)``, returns a conditional distribution over
+        ``(..., features)`` (``rsample`` and ``log_prob``), in place of the layers above:
+        any flow of zuko (``flow=lambda f, c: zuko.flows.NSF(f, c, transforms=5)``), or Pyro
+        conditional transforms wrapped in a module returning
+        ``ConditionalTransformedDistribution(...).condition(context)``. It models the
+        standardized unconstrained latents; the latent standardization and the support
+        maps are applied around it as for the built-in layers (not with
+        ``interval_transform="box"``).
 
     With ``interval_transform="box"`` the flow ends, on the interval coordinates, with the
     clamp into the unit box and a box spline layer of the same width and bins.
+
+    >>> import torch, zuko, pyro, pyro.distributions as dist
+    >>> from pyro_jc import AutoAmortizedFlow
+    >>> def model(x):
+    ...     z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    ...     pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+    >>> guide = AutoAmortizedFlow(model, flow=lambda f, c: zuko.flows.NSF(f, c, transforms=2))
+    >>> guide(torch.zeros(2))["z"].shape
+    torch.Size([2])
     """
 
     def __init__(
@@ -774,8 +802,19 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         fast: str = "log_prob",
         count_bins: int = 8,
         bound: float = 5.0,
+        flow: Callable[[int, int], nn.Module] | None = None,
         **kwargs: Any,
     ) -> None:
+        if flow is not None and not callable(flow):
+            raise TypeError(
+                "flow must be a builder flow(features, context) -> nn.Module, e.g. "
+                f"lambda f, c: zuko.flows.NSF(f, c); got {type(flow).__name__}."
+            )
+        if flow is not None and kwargs.get("interval_transform") == "box":
+            raise ValueError(
+                "interval_transform='box' ends the built-in flow with a box spline layer; with "
+                "flow= use 'soft' or 'sigmoid'."
+            )
         if transform not in _FLOW_TRANSFORMS:
             raise ValueError(f"transform must be one of {_FLOW_TRANSFORMS}, got {transform!r}.")
         if fast not in ("log_prob", "sample"):
@@ -787,8 +826,17 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         self.fast = fast
         self.count_bins = count_bins
         self.bound = bound
+        self._flow_builder = flow
 
     def _build_posterior(self, context_dim):
+        if self._flow_builder is not None:
+            self.flow = self._flow_builder(self.latent_dim, context_dim)
+            if not isinstance(self.flow, nn.Module):
+                raise TypeError(
+                    "flow(features, context) must return an nn.Module (its parameters are "
+                    f"trained), got {type(self.flow).__name__}."
+                )
+            return
         T = dist.transforms
         d = self.latent_dim
         layers = []
@@ -837,6 +885,9 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
             )
 
     def _posterior(self, context):
+        mean, std = self.latent_standardize.mean, self.latent_standardize.std
+        if self._flow_builder is not None:
+            return _StandardizedFlow(self.flow(context), mean, std, self.latent_dim)
         d = self.latent_dim
         base = dist.Normal(context.new_zeros(d), context.new_ones(d))
         base = base.expand(context.shape[:-1] + (d,)).to_event(1)
@@ -849,7 +900,6 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
             transforms.append(t)
             if d > 1 and i < len(layers) - 1:
                 transforms.append(dist.transforms.Permute(self.permutations[i], cache_size=1))
-        mean, std = self.latent_standardize.mean, self.latent_standardize.std
         transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
         if self.box_index is not None:
             box = self.box_layer.condition(context)
@@ -918,6 +968,41 @@ class _StoredBuffer:
         module._buffers[self.attr] = self.alias
         if hasattr(module, "_state_changed"):
             module._state_changed()
+
+
+class _StandardizedFlow(dist.TorchDistribution):
+    """A flow's conditional distribution over standardized latents ``v`` (zuko's, or any
+    torch distribution with ``rsample`` and ``log_prob``), as the distribution of
+    ``u = mean + std * v``. ``expand`` adds leading batch dims (drawn as a sample shape), as
+    the guide's plates over draws need."""
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, flow, mean, std, features, batch_shape=None):
+        self.flow, self.loc, self.scale = flow, mean, std
+        flow_batch = torch.Size(flow.batch_shape)
+        batch_shape = flow_batch if batch_shape is None else torch.Size(batch_shape)
+        extra = len(batch_shape) - len(flow_batch)
+        if extra < 0 or batch_shape[extra:] != flow_batch:
+            raise NotImplementedError(
+                f"A flow= distribution of batch shape {tuple(flow_batch)} can only gain "
+                f"leading batch dims, not become {tuple(batch_shape)}."
+            )
+        self._extra = batch_shape[:extra]
+        super().__init__(batch_shape, torch.Size([features]), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return _StandardizedFlow(self.flow, self.loc, self.scale, self.event_shape[0], batch_shape)
+
+    def rsample(self, sample_shape=()):
+        v = self.flow.rsample(torch.Size(sample_shape) + self._extra)
+        return self.loc + self.scale * v
+
+    def log_prob(self, value):
+        v = (value - self.loc) / self.scale
+        return self.flow.log_prob(v) - self.scale.log().sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

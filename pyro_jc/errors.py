@@ -31,3 +31,12 @@ class SimulatorError(JointContrastiveError):
 
 class ObservationArgumentError(JointContrastiveError):
     """The argument that carries an observed site's data to the model cannot be found."""
+
+
+class ObservationTypeError(JointContrastiveError, TypeError):
+    """An observed site's data are not a tensor (a numpy array or a list, say)."""
+
+
+class UnsampleableSiteError(JointContrastiveError, NotImplementedError):
+    """Pairs must be simulated from the model, but a site's distribution cannot be sampled
+    (an improper prior such as ``ImproperUniform``)."""

@@ -166,6 +166,11 @@ class ForwardKL(ELBO):
                 "ForwardKL found no observed site in the model: give the data with "
                 "pyro.sample(name, dist, obs=data) so that the loss knows what to simulate."
             )
+        if not layout.latent_sites:
+            raise ValueError(
+                "ForwardKL found no latent site in the model: every sample site is observed, "
+                "so there is no posterior to learn. Leave obs= off the sites to infer."
+            )
         params = layout.params
         if params and "params" not in self._warned:
             self._warned.add("params")

@@ -19,17 +19,20 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from .distributions import INVALID_KEY, SimulatorSites
 from .errors import (
     ImplicitDensityError,
+    JointContrastiveError,
     MissingGuideSiteError,
     NonFiniteError,
     ObservationArgumentError,
     ObservationShapeError,
     PlateShapeError,
+    UnsampleableSiteError,
 )
 
 #: Name of the plate Pyro's :class:`~pyro.infer.elbo.ELBO` puts around vectorized particles.
@@ -432,7 +435,43 @@ def model_joint_trace(model, args, kwargs, num_samples=None, max_plate_nesting=N
         if max_plate_nesting is None or max_plate_nesting == math.inf:
             raise ValueError("model_joint_trace needs a finite max_plate_nesting to vectorize.")
         fn = pyro.plate(PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)(fn)
-    return prune_subsample_sites(_run_traced(fn, "model", args, kwargs))
+    return prune_subsample_sites(trace_model(fn, args, kwargs))
+
+
+def trace_model(model, args, kwargs):
+    """``poutine.trace(model).get_trace(*args, **kwargs)``, with Pyro's failures that come
+    from the user's model turned into errors naming the site: a batch shape unlike its
+    plates (:class:`PlateShapeError`), a distribution that cannot be sampled
+    (:class:`UnsampleableSiteError`)."""
+    current = _CurrentSite()
+    try:
+        return _run_traced(current(model), "model", args, kwargs)
+    except NotImplementedError as e:
+        if current.msg is None or isinstance(e, JointContrastiveError):
+            raise
+        site = current.msg
+        raise UnsampleableSiteError(
+            f"Site {site['name']!r} ({type(site['fn']).__name__}) cannot be sampled, but "
+            "pyro_jc draws it from the model: to inspect the model, and to simulate pairs "
+            "(ForwardKL, simulate, sbc, the adversarial loss). Give it a proper prior, e.g. "
+            f"a Uniform over a plausible range instead of an improper one. ({e})"
+        ) from e
+
+
+class _CurrentSite(Messenger):
+    """Remembers the sample statement in progress, to name a site whose sampling fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.msg = None
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample":
+            self.msg = msg
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample":
+            self.msg = None
 
 
 def model_joint_pairs(model, args, kwargs, num_samples=None, max_plate_nesting=None, pad=False):
@@ -556,15 +595,15 @@ class ObservationArguments:
             for name, (kind, key) in locations.items()
         }
 
-    def substitute(self, obs, values, args, kwargs):
+    def substitute(self, locations, values, args, kwargs):
         """Arguments with each observed site's data replaced by ``values[site]``.
 
-        :param dict obs: ``{site: real data}`` from a model trace (:func:`observed_values`).
+        :param dict locations: from :meth:`locate` (unused with a callable
+            ``observations``, which builds the arguments itself).
         """
         if callable(self.observations):
             new_args, new_kwargs = self.observations(values, *args, **kwargs)
             return tuple(new_args), dict(new_kwargs)
-        locations = self.locate({k: obs[k] for k in values}, args, kwargs)
         args, kwargs = list(args), dict(kwargs)
         for name, value in values.items():
             kind, key = locations[name]

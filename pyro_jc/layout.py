@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pyro.poutine as poutine
 import torch
 
+from .errors import NonFiniteError, ObservationTypeError
 from .joints import (
     ObservationArguments,
     check_observed_shapes,
@@ -25,6 +26,7 @@ from .joints import (
     num_datapoints,
     observed_values,
     sample_sites,
+    trace_model,
 )
 
 __all__ = ["LayoutCache", "ModelLayout"]
@@ -69,8 +71,9 @@ class ModelLayout:
         self.model = model
         # Gradients on, so that parameters show whether they are learnable.
         with torch.enable_grad(), poutine.block():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
+            trace = trace_model(model, args, kwargs)
         self.trace = trace
+        _check_observations(trace)
         sites = sample_sites(trace)
         self.latent_sites = [s["name"] for s in latent_sites(trace)]
         self.observed_sites = [s["name"] for s in sites if s["is_observed"]]
@@ -117,18 +120,10 @@ class ModelLayout:
 
     def substitute(self, values: dict, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments ``(args, kwargs)`` with each observed site's data replaced by
-        ``values[site]`` (e.g. simulations with leading batch dims)."""
-        if callable(self.arguments.observations):
-            return self.arguments.substitute(self.observations, values, args, kwargs)
-        self.locations  # noqa: B018  (located once, from this layout's own call)
-        args, kwargs = list(args), dict(kwargs)
-        for name, value in values.items():
-            kind, key = self._locations[name]
-            if kind == "arg":
-                args[key] = value
-            else:
-                kwargs[key] = value
-        return tuple(args), kwargs
+        ``values[site]`` (e.g. simulations with leading batch dims), at the places this
+        layout's own call had them."""
+        locations = None if callable(self.arguments.observations) else self.locations
+        return self.arguments.substitute(locations, values, args, kwargs)
 
 
 class LayoutCache:
@@ -175,3 +170,34 @@ def _describe(value):
     except TypeError:
         return ("id", id(value))
     return ("value", value)
+
+
+def _check_observations(trace):
+    """Data that no loss can use, refused before any step: not a tensor, or NaN or inf where
+    the site is not masked out."""
+    for site in sample_sites(trace):
+        if not site["is_observed"]:
+            continue
+        name, value = site["name"], site["value"]
+        if not torch.is_tensor(value):
+            raise ObservationTypeError(
+                f"Observed site {name!r}: the data are a {type(value).__name__}, not a "
+                "torch.Tensor. Pass torch.as_tensor(data) (on the device and in the dtype "
+                "the model computes in)."
+            )
+        if not value.is_floating_point() and not value.is_complex():
+            continue
+        bad = ~torch.isfinite(value)
+        # Masked-out entries may hold anything (obs_mask= puts a MaskedDistribution there).
+        event_dims = len(site["fn"].event_shape)
+        for mask in (site["mask"], getattr(site["fn"], "_mask", None)):
+            if mask is not None and mask is not True:
+                mask = torch.as_tensor(mask, device=value.device)
+                bad = bad & mask.reshape(mask.shape + (1,) * event_dims)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise NonFiniteError(
+                f"Observed site {name!r}: {int(bad.sum())} of its {value.numel()} data values "
+                f"are NaN or inf (the first at index {first}). Drop or impute them, or mask "
+                "them out with obs_mask= or poutine.mask."
+            )

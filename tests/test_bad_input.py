@@ -2,21 +2,28 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import SVI, TraceMeanField_ELBO
 
 from pyro_jc import (
     AdversarialELBO,
+    AutoAmortizedNormal,
     ForwardKL,
     JointContrastiveELBO,
     JointContrastiveIWELBO,
     JointContrastiveMeanFieldELBO,
+    NonFiniteError,
+    ObservationTypeError,
+    UnsampleableSiteError,
+    simulate,
 )
 from pyro_jc.diagnostics import c2st, posterior_predictive_check, sbc
+from pyro_jc.layout import ModelLayout
 from pyro_jc.testing import BetaBernoulliModel
 
 LOSSES = [
@@ -150,3 +157,68 @@ def test_mean_field_elbo_warns_as_pyro_when_the_guide_reorders_its_sites():
     for elbo in (JointContrastiveMeanFieldELBO(), TraceMeanField_ELBO()):
         with pytest.warns(UserWarning, match="Failed to verify mean field restriction"):
             elbo.loss(model, guide)
+
+
+def _normal_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(5), [0.0, 1.0]], ids=["numpy", "list"])
+def test_observations_that_are_not_tensors_are_refused(bad):
+    with pytest.raises(ObservationTypeError, match="'x'.*not a torch.Tensor.*torch.as_tensor"):
+        ForwardKL().loss(_normal_model, AutoAmortizedNormal(_normal_model), bad)
+
+
+def test_non_finite_observations_are_named_before_any_step():
+    x = torch.tensor([0.0, 1.0, math.nan, 2.0, math.inf])
+    guide = AutoAmortizedNormal(_normal_model)
+    with pytest.raises(NonFiniteError, match=r"'x': 2 of its 5 .*index \(2,\).*obs_mask"):
+        ForwardKL().loss(_normal_model, guide, x)
+    with pytest.raises(NonFiniteError, match="'x'"):
+        guide(x)  # the autoguide inspects the model the same way
+
+    # Masked-out entries may hold anything.
+    def masked(x, mask):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=mask)
+
+    mask = torch.isfinite(x)
+    assert "x_observed" in ModelLayout(masked, (x, mask)).observed_sites
+
+
+def test_integer_observations_train_an_autoguide():
+    """Counts (torch.long) with the autoguides: they failed building the networks (Pyro's
+    AutoNormal accepts them). The Gamma-Poisson posterior mean is (2 + sum x) / (1 + n)."""
+
+    def model(x):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Poisson(rate), obs=x)
+
+    x = torch.tensor([3, 1, 4, 1, 5])
+    guide = AutoAmortizedNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), ForwardKL(num_particles=100))
+    for _ in range(300):
+        svi.step(x)
+    mean = guide.sample_posterior(x, num_samples=4000)["rate"].mean().item()
+    assert mean == pytest.approx(16 / 6, rel=0.1)  # posterior sd 0.67: 0.27 is 0.4 sd
+
+
+def test_an_improper_prior_is_named_when_pairs_are_simulated():
+    def improper(x):
+        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    with pytest.raises(UnsampleableSiteError, match="'mu' \\(ImproperUniform\\).*proper prior"):
+        simulate(improper, torch.zeros(()), num_simulations=3)
+
+
+def test_forward_kl_needs_a_latent_site():
+    def observed_only(x):
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="no latent site.*obs= off"):
+        ForwardKL().loss(observed_only, lambda x: None, torch.zeros(()))
