@@ -91,8 +91,11 @@ class AutoAmortizedGuide(PyroModule):
         trained jointly. It receives ``(..., features)`` (all observations flattened), or
         ``(..., n, features)`` for i.i.d. observations in a data plate of size ``n``, and
         must return ``(..., context_dim)``. Default: an MLP, or a DeepSet for i.i.d. sets.
-    :param int context_dim: output size of the default embedding.
-    :param hidden_dims: hidden widths of the default embedding.
+    :param int context_dim: output size of the default embedding (default: 64, or twice the
+        number of latent dimensions when that is larger, so that the context is no
+        bottleneck for many latents).
+    :param hidden_dims: hidden widths of the default embedding (default: two layers of
+        ``context_dim``).
     :param str interval_transform: how latents with an interval support (``Uniform``,
         ``Beta``, ...) reach unconstrained space: ``"sigmoid"`` (default; ``biject_to``'s
         logistic map, whose log-odds suit a normal guide for posteriors squeezed against a
@@ -113,8 +116,8 @@ class AutoAmortizedGuide(PyroModule):
         *,
         observations: dict | Callable | None = None,
         embedding: nn.Module | None = None,
-        context_dim: int = 64,
-        hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int | None = None,
+        hidden_dims: Sequence[int] | None = None,
         interval_transform: str = "sigmoid",
     ) -> None:
         if interval_transform not in _INTERVAL_TRANSFORMS:
@@ -127,8 +130,8 @@ class AutoAmortizedGuide(PyroModule):
         self._model = (model,)  # a tuple keeps a model nn.Module out of this module's children
         self._observations = observations
         self._embedding_arg = embedding
-        self.context_dim = context_dim
-        self.hidden_dims = tuple(hidden_dims)
+        self.context_dim = context_dim  # resolved from the latent dimension at set-up
+        self.hidden_dims = None if hidden_dims is None else tuple(hidden_dims)
         self.prototype_trace = None
         self._param_names = None
 
@@ -195,6 +198,10 @@ class AutoAmortizedGuide(PyroModule):
         device, dtype = x.device, x.dtype
         self.obs_standardize = Standardize(x.shape[-1]).to(device=device, dtype=dtype)
         self.latent_standardize = Standardize(self.latent_dim).to(device=device, dtype=dtype)
+        if self.context_dim is None:
+            self.context_dim = max(64, 2 * self.latent_dim)
+        if self.hidden_dims is None:
+            self.hidden_dims = (self.context_dim, self.context_dim)
         self.embedding = self._build_embedding(x.shape[-1]).to(device=device, dtype=dtype)
         with torch.no_grad():
             context_dim = self.embedding(x).shape[-1]
@@ -762,7 +769,9 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         conditional spline layers are linear-order rational splines, and its quadratic
         option fails in Pyro 1.9, hence pyro_jc's.)
     :param int num_transforms: number of flow layers.
-    :param hidden_dims: hidden widths of each layer's conditioner network.
+    :param flow_hidden_dims: hidden widths of each layer's conditioner network (default: two
+        layers of 50, or of twice the number of latent dimensions when that is larger:
+        autoregressive layers need at least as many hidden units as dimensions).
     :param str fast: ``"log_prob"`` (default) puts autoregressive layers in the direction
         that evaluates the density in one pass (what :class:`~pyro_jc.ForwardKL` needs);
         ``"sample"`` makes sampling one pass instead (better for reparameterized ELBO
@@ -798,7 +807,7 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         *,
         transform: str = "affine_autoregressive",
         num_transforms: int = 5,
-        flow_hidden_dims: Sequence[int] = (50, 50),
+        flow_hidden_dims: Sequence[int] | None = None,
         fast: str = "log_prob",
         count_bins: int = 8,
         bound: float = 5.0,
@@ -822,7 +831,8 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
         super().__init__(model, **kwargs)
         self.transform = transform
         self.num_transforms = num_transforms
-        self.flow_hidden_dims = list(flow_hidden_dims)
+        # Resolved from the latent dimension at set-up when not given.
+        self.flow_hidden_dims = None if flow_hidden_dims is None else list(flow_hidden_dims)
         self.fast = fast
         self.count_bins = count_bins
         self.bound = bound
@@ -839,6 +849,8 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
             return
         T = dist.transforms
         d = self.latent_dim
+        if self.flow_hidden_dims is None:
+            self.flow_hidden_dims = [max(50, 2 * d)] * 2
         layers = []
         for _ in range(self.num_transforms):
             if d == 1 or self.transform == "spline_coupling":

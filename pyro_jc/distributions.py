@@ -210,6 +210,12 @@ class Implicit(TorchDistribution):
             return self.simulator(*tensors)
 
     def _to_tensor(self, out, ref):
+        if out.is_complex() if torch.is_tensor(out) else np.iscomplexobj(out):
+            raise SimulatorError(
+                f"{self._where()}: the simulator returned complex values; a real-valued site "
+                "would drop their imaginary part. Return real values (e.g. torch.view_as_real "
+                "or the modulus) and give the site the matching event_shape."
+            )
         if isinstance(out, torch.Tensor):
             return out.to(device=ref.device, dtype=ref.dtype)
         try:

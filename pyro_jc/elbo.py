@@ -12,6 +12,7 @@ diagnostics (reconstruction, rate, mutual information, marginal KL).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,7 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
         self.data_plate = data_plate
         self.estimate_information = estimate_information
         self.diagnostics = {}
+        self._warned = set()
 
     def _rate_terms(self, model_trace, guide_trace):
         """The rate ``sum log q(z|x) - log p(z)`` (detached) and its surrogate (differentiable
@@ -191,8 +193,21 @@ class JointContrastiveELBO(GuideJointTraces, ELBO):
         }
         if self.estimate_information:
             info = information_terms(model_trace, guide_trace, frame, self._particle_dim())
-            if info is not None:
-                terms["mutual_information"], terms["marginal_kl"] = info
+            if info is None:
+                # The aggregate posterior is estimated on the batch: one datapoint has none.
+                if "batch_of_one" not in self._warned:
+                    self._warned.add("batch_of_one")
+                    warnings.warn(
+                        "estimate_information: the mutual information and marginal KL are "
+                        "estimated on the batch's datapoints and need at least two in the "
+                        f"data plate ({'none' if frame is None else frame.size} here); "
+                        "diagnostics['mutual_information'] and ['marginal_kl'] are NaN. "
+                        "This warning is shown once.",
+                        UserWarning,
+                        stacklevel=5,
+                    )
+                info = (value.new_full((), math.nan), value.new_full((), math.nan))
+            terms["mutual_information"], terms["marginal_kl"] = info
         return surrogate, terms
 
     def _evaluate(self, model, guide, args, kwargs, backward):

@@ -171,6 +171,10 @@ class ForwardKL(ELBO):
                 "ForwardKL found no latent site in the model: every sample site is observed, "
                 "so there is no posterior to learn. Leave obs= off the sites to infer."
             )
+        if self.bank is not None:
+            for bank in (self.bank, self.validation_bank):
+                if bank is not None:
+                    bank.check_layout(layout, self._nesting(layout))
         params = layout.params
         if params and "params" not in self._warned:
             self._warned.add("params")
@@ -197,9 +201,7 @@ class ForwardKL(ELBO):
         nesting = self._nesting(layout)
         if self.bank is not None:
             latents, sims = self._next_batch()
-            device = _device_of(layout.observations)
-            latents = {k: v.to(device, non_blocking=True) for k, v in latents.items()}
-            sims = {k: v.to(device, non_blocking=True) for k, v in sims.items()}
+            latents, sims = _placed(latents, layout), _placed(sims, layout)
             yield latents, sims, None, next(iter(sims.values())).shape[0]
         elif self.vectorize_particles:
             latents, sims, invalid = model_joint_pairs(
@@ -356,11 +358,7 @@ class ForwardKL(ELBO):
         elif invalid is not None:
             latents = {k: v[~invalid] for k, v in latents.items()}
             sims = {k: v[~invalid] for k, v in sims.items()}
-        device = _device_of(layout.observations)
-        guide.standardize(
-            observations={k: v.to(device) for k, v in sims.items()},
-            latents={k: v.to(device) for k, v in latents.items()},
-        )
+        guide.standardize(observations=_placed(sims, layout), latents=_placed(latents, layout))
 
     def _report_invalid(self, num_invalid, num):
         self.num_invalid += num_invalid
@@ -421,11 +419,9 @@ class ForwardKL(ELBO):
             raise ValueError("The bank has no validation split (validation_fraction=0).")
         layout = self._layout(model, args, kwargs)
         total, count = 0.0, 0
-        device = _device_of(layout.observations)
         with torch.no_grad():
             for latents, sims in batches(self.validation_bank, self._batch_size):
-                latents = {k: v.to(device, non_blocking=True) for k, v in latents.items()}
-                sims = {k: v.to(device, non_blocking=True) for k, v in sims.items()}
+                latents, sims = _placed(latents, layout), _placed(sims, layout)
                 size = next(iter(sims.values())).shape[0]
                 log_q, _ = self._log_q(guide, args, kwargs, layout, latents, sims, size)
                 total += float(log_q.sum())
@@ -519,8 +515,17 @@ def _per_simulation(log_prob, plate_size, max_plate_nesting):
     return log_prob.sum(dims) if dims else log_prob
 
 
-def _device_of(values):
-    return next(iter(values.values())).device
+def _placed(values, layout):
+    """Bank tensors on the device of the model's data, floating ones in the floating dtype of
+    the model's site (a float64 bank trains a float32 model)."""
+    device = next(iter(layout.observations.values())).device
+    out = {}
+    for name, value in values.items():
+        site_value = layout.site(name)["value"]
+        floating = value.is_floating_point() and site_value.is_floating_point()
+        dtype = site_value.dtype if floating else None
+        out[name] = value.to(device=device, dtype=dtype, non_blocking=True)
+    return out
 
 
 def _raise_nonfinite(guide_trace):

@@ -49,8 +49,9 @@ class Standardize(nn.Module):
     autoguides, with Pyro's param store). Identity until :meth:`fit`.
 
     :param int dim: number of features.
-    :param float min_std: features whose standard deviation is at most ``min_std`` are
-        treated as constant and keep unit scale.
+    :param float min_std: features whose standard deviation is at most ``min_std`` times
+        the data's largest magnitude are treated as constant and keep unit scale (relative,
+        so that data on a scale of 1e-7 are standardized as data on a scale of 1).
     """
 
     def __init__(self, dim, min_std=1e-6):
@@ -87,8 +88,9 @@ class Standardize(nn.Module):
         if x.shape[0] < 2:
             return
         std = x.std(0)
+        threshold = self.min_std * x.abs().max()
         self.mean.copy_(x.mean(0))
-        self.std.copy_(torch.where(std > self.min_std, std, torch.ones_like(std)))
+        self.std.copy_(torch.where(std > threshold, std, torch.ones_like(std)))
         self.fitted.fill_(1.0)
         self._known_fitted = True
 

@@ -119,6 +119,50 @@ class SimulationBank(Dataset):
         if not sizes or len(set(sizes.values())) != 1:
             raise ValueError(f"Bank tensors disagree on the number of simulations: {sizes}.")
         self.num_simulations = next(iter(sizes.values()))
+        for part, values in (("latents", self.latents), ("observations", self.observations)):
+            for name, value in values.items():
+                if not torch.is_tensor(value):
+                    raise ValueError(
+                        f"Bank {part}[{name!r}] is a {type(value).__name__}, not a tensor."
+                    )
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    bad = int((~torch.isfinite(value)).reshape(len(value), -1).any(-1).sum())
+                    raise NonFiniteError(
+                        f"Bank {part}[{name!r}] holds NaN or inf in {bad} of its "
+                        f"{len(value)} simulations; drop them (simulate(...) with "
+                        "Implicit(on_invalid='drop') does) before training."
+                    )
+
+    def check_layout(self, layout, nesting):
+        """Raise ``ValueError`` unless this bank was simulated from the model of ``layout``
+        (a :class:`~pyro_jc.layout.ModelLayout`): the same latent and observed sites, each
+        simulation shaped like the site (the data-set size included).
+
+        :param int nesting: the plate depth the simulations were laid out with.
+        """
+        for part, names, values in (
+            ("latents", layout.latent_sites, self.latents),
+            ("observations", layout.observed_sites, self.observations),
+        ):
+            if set(values) != set(names):
+                raise ValueError(
+                    f"The bank's {part} are {sorted(values)}, but the model's "
+                    f"{part[:-1] if part == 'latents' else 'observed'} sites are "
+                    f"{sorted(names)}: the bank was simulated from another model. Simulate "
+                    "a bank from this one with pyro_jc.simulate(model, *args, ...)."
+                )
+            for name in names:
+                expected = _trimmed(layout.site(name)["fn"].shape())
+                got = _trimmed(values[name].shape[1:])
+                if got != expected:
+                    raise ValueError(
+                        f"The bank's {part}[{name!r}] simulations have shape {got}, but the "
+                        f"model's site {name!r} draws {expected} with these arguments: the "
+                        "bank was simulated for a data set of another size (simulate it with "
+                        "the arguments you train with), or the model is not vectorization-safe "
+                        "(under a plate over simulations its sites gain dims: reduce over "
+                        "event dims without keepdim, index from the right)."
+                    )
 
     def __len__(self) -> int:
         return self.num_simulations
@@ -188,3 +232,10 @@ def batches(
     return DataLoader(
         dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last), **loader
     )
+
+
+def _trimmed(shape):
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape

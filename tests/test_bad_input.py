@@ -12,19 +12,22 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 
 from pyro_jc import (
     AdversarialELBO,
+    AutoAmortizedFlow,
     AutoAmortizedNormal,
     ForwardKL,
+    Implicit,
     JointContrastiveELBO,
     JointContrastiveIWELBO,
     JointContrastiveMeanFieldELBO,
     NonFiniteError,
     ObservationTypeError,
+    SimulatorError,
     UnsampleableSiteError,
     simulate,
 )
 from pyro_jc.diagnostics import c2st, posterior_predictive_check, sbc
 from pyro_jc.layout import ModelLayout
-from pyro_jc.testing import BetaBernoulliModel
+from pyro_jc.testing import BetaBernoulliModel, LinearGaussianModel
 
 LOSSES = [
     JointContrastiveELBO,
@@ -222,3 +225,118 @@ def test_forward_kl_needs_a_latent_site():
 
     with pytest.raises(ValueError, match="no latent site.*obs= off"):
         ForwardKL().loss(observed_only, lambda x: None, torch.zeros(()))
+
+
+def test_information_terms_of_a_batch_of_one_are_nan_with_a_reason():
+    problem = LinearGaussianModel(torch.tensor([[1.0], [0.5]]), torch.zeros(2), 0.5, 1)
+    elbo = JointContrastiveELBO(estimate_information=True)
+    with pytest.warns(UserWarning, match="need at least two.*NaN"):
+        elbo.loss(problem.model, problem.guide, problem.data)
+    assert math.isnan(elbo.diagnostics["mutual_information"])
+    assert math.isnan(elbo.diagnostics["marginal_kl"])
+
+
+def test_sbc_refuses_guide_draws_of_the_wrong_shape():
+    problem = BetaBernoulliModel(2.0, 3.0, num_data=5)
+
+    def two_dim_guide(x):  # the model's p is a scalar
+        p = problem.posterior(x)["p"]
+        a, b = (
+            c.unsqueeze(-1).expand(c.shape + (2,)) for c in (p.concentration1, p.concentration0)
+        )
+        pyro.sample("p", dist.Beta(a, b).to_event(1))
+
+    with pytest.raises(ValueError, match="draws of 'p' have shape .* wrong event shape"):
+        sbc(problem.model, two_dim_guide, problem.data, num_simulations=20)
+
+
+def test_autoguide_defaults_scale_with_the_latent_dimension():
+    """100 latent dimensions with default arguments: the flow's conditioner (50 hidden
+    units) was narrower than its input (Pyro refused it), and the normal guide's 64-wide
+    context a bottleneck."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(100), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    x = torch.zeros(100)
+    flow = AutoAmortizedFlow(model, num_transforms=1)
+    assert flow(x)["z"].shape == (100,) and flow.flow_hidden_dims == [200, 200]
+    normal = AutoAmortizedNormal(model)
+    normal(x)
+    assert normal.context_dim == 200 and normal.hidden_dims == (200, 200)
+    pyro.clear_param_store()  # another guide of the same name
+    small = AutoAmortizedNormal(_normal_model)
+    small(torch.zeros(3))
+    assert small.context_dim == 64  # unchanged for few latents
+
+
+def test_a_bank_must_match_the_model_and_the_data():
+    """A bank of data sets of 10 points trained on 100 points fitted the posterior of 10
+    (sd 0.306 against the exact 0.100); another model's bank failed with KeyError 'x'; a
+    float64 bank with a dtype error; NaN in a bank deep in the guide."""
+    ten, hundred = torch.zeros(10), torch.zeros(100)
+    bank = simulate(_normal_model, ten, num_simulations=200)
+    guide = AutoAmortizedNormal(_normal_model)
+    with pytest.raises(ValueError, match=r"observations\['x'\] simulations have shape \(10,\)"):
+        ForwardKL(simulations=bank).loss(_normal_model, guide, hundred)
+
+    def other(x):
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match=r"bank's latents are \['mu'\].*another model"):
+        ForwardKL(simulations=bank).loss(other, AutoAmortizedNormal(other), ten)
+
+    pyro.clear_param_store()
+    as_double = {
+        part: {k: v.double() for k, v in bank[part].items()}
+        for part in bank
+        if part != "num_invalid"
+    }
+    value = ForwardKL(num_particles=50, simulations=as_double).loss(
+        _normal_model, AutoAmortizedNormal(_normal_model), ten
+    )
+    assert math.isfinite(value)  # converted to the model's float32
+
+    broken = {part: dict(bank[part]) for part in ("latents", "observations")}
+    broken["observations"]["x"] = bank["observations"]["x"].clone()
+    broken["observations"]["x"][[3, 7], 2] = math.nan
+    with pytest.raises(NonFiniteError, match=r"observations\['x'\].*2 of its 200"):
+        ForwardKL(simulations=broken)
+
+
+def test_standardization_is_relative_to_the_data_scale():
+    """Data on a scale of 3e-7 were left unscaled by an absolute 1e-6 floor (posteriors off
+    by orders of magnitude)."""
+    from pyro_jc.nn import Standardize
+
+    g = torch.Generator().manual_seed(0)
+    x = 3e-7 * torch.randn(1000, 2, generator=g) + 1e-6
+    s = Standardize(2)
+    s.fit(x)
+    y = s(x)
+    assert torch.allclose(y.mean(0), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(y.std(0), torch.ones(2), atol=1e-4)
+    constant = torch.cat([x[:, :1], torch.full((1000, 1), 5.0)], -1)
+    s.fit(constant)
+    assert s.std[1] == 1.0  # a constant column keeps unit scale
+
+
+def test_a_complex_simulator_is_refused():
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        sim = Implicit(lambda z: torch.polar(torch.ones_like(z), z), z)
+        pyro.sample("x", sim, obs=x)
+
+    with pytest.raises(SimulatorError, match="complex values.*view_as_real"):
+        simulate(model, torch.zeros(()), num_simulations=4)
+
+
+def test_the_adversarial_loss_trains_around_a_guide_without_parameters():
+    """It failed with torch's 'element 0 of tensors does not require grad'."""
+    problem = LinearGaussianModel(torch.tensor([[1.0], [0.5]]), torch.zeros(2), 0.5, 64)
+    loss = AdversarialELBO(warmup_steps=2, hidden_dims=(8,))
+    value = loss.loss_and_grads(problem.model, problem.guide, problem.data)
+    assert math.isfinite(value) and loss.num_guide_steps == 1

@@ -348,7 +348,7 @@ def test_bank_loss_property(n, d, local, nested, particles):
             z = pyro.sample("z", dist.Normal(0.0, 1.0)) if local else 0.0
             inner = pyro.plate("inner", 2, dim=-1) if nested else pyro.plate("none", 1, dim=-3)
             with inner:
-                pyro.sample("x", dist.Normal(g.sum(-1, keepdim=True) + z, 1.0), obs=x)
+                pyro.sample("x", dist.Normal(g.sum(-1) + z, 1.0), obs=x)
 
     def guide(x):
         pyro.sample("g", dist.Normal(torch.zeros(d), 1.0).to_event(1))

@@ -182,11 +182,14 @@ def _ranks(draws, truth):
         samples = draws[name]
         n = z.shape[0]
         target = z.unsqueeze(0)
-        if samples.dim() < target.dim():
+        expected = (samples.shape[0],) + tuple(z.shape)
+        if tuple(samples.shape) != expected:
             raise ValueError(
-                f"Guide draws of {name!r} have shape {tuple(samples.shape)}, fewer dims than "
-                f"the simulated latent with a draw dim ({tuple(target.shape)}); the guide must "
-                "sample in the model's batch layout."
+                f"Guide draws of {name!r} have shape {tuple(samples.shape)}, but draws of the "
+                f"model's latent for {n} simulated data sets have shape {expected} (draws, "
+                "simulations, then the site's shape): the guide's site has the wrong event "
+                "shape or batch dims. It must sample the model's site in the model's batch "
+                "layout, treating leading dims of its data argument as a batch."
             )
         below = (samples < target).sum(0)
         ties = (samples == target).sum(0)
