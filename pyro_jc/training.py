@@ -117,7 +117,8 @@ def fit(
     **A budget** (otherwise): steps until ``num_steps`` steps or ``seconds`` of wall clock
     (whichever ends first) are spent, the learning rate following a cosine from its initial
     value down to a thousandth of it over the budget [1] (``anneal=False``: constant). The
-    clock is read between steps: a budget ends within one step of its time.
+    clock is read between steps: a budget ends within one step of its time, and a warning says
+    so when a step takes longer than the whole budget.
 
     The rates change only through torch's schedulers (:class:`LearningRateFactor`), as
     multiples of the rates the optimizer was configured with (per-parameter arguments
@@ -276,6 +277,17 @@ def _fit_budget(svi, args, kwargs, num_steps, seconds, anneal, progress):
         if bar is not None:
             bar.close()
     history["seconds"] = time.perf_counter() - start
+    step = history["seconds"] / max(history["steps"], 1)
+    if seconds is not None and step > seconds:
+        # The clock is read between steps: a step longer than the budget overruns it.
+        warnings.warn(
+            f"fit: the budget was {seconds:g} s but training took {history['seconds']:.3g} s; "
+            f"the clock is read between steps and a step took {step:.3g} s on average, "
+            "longer than the whole budget. Give a budget "
+            "of many steps' time, or fewer simulations per step.",
+            UserWarning,
+            stacklevel=3,
+        )
     return history
 
 
