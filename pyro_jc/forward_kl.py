@@ -131,8 +131,11 @@ class ForwardKL(ELBO):
         #: The bank's training and validation splits (:class:`SimulationBank`\ s).
         self.bank = self.validation_bank = None
         if simulations is not None:
-            bank = simulations if isinstance(simulations, SimulationBank) else None
-            bank = bank or SimulationBank(simulations)
+            bank = (
+                simulations
+                if isinstance(simulations, SimulationBank)
+                else SimulationBank(simulations)
+            )
             self.bank, self.validation_bank = bank.split(validation_fraction, generator)
             self._batch_size = min(num_particles, len(self.bank))
             self._loader = batches(
@@ -174,7 +177,7 @@ class ForwardKL(ELBO):
         if self.bank is not None:
             for bank in (self.bank, self.validation_bank):
                 if bank is not None:
-                    bank.check_layout(layout, self._nesting(layout))
+                    bank.check_layout(layout)
         params = layout.params
         if params and "params" not in self._warned:
             self._warned.add("params")

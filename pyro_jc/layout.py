@@ -21,7 +21,6 @@ from .joints import (
     check_observed_shapes,
     data_frames,
     find_data_plate,
-    in_plate,
     latent_sites,
     num_datapoints,
     observed_values,
@@ -104,10 +103,6 @@ class ModelLayout:
     def site(self, name):
         """The prototype trace's site ``name``."""
         return self.trace.nodes[name]
-
-    def is_local(self, name):
-        """Whether site ``name`` is inside the data plate."""
-        return in_plate(self.trace.nodes[name], self.data_plate)
 
     def check_observed_shapes(self):
         """Raise :class:`~pyro_jc.ObservationShapeError` for data shaped unlike their site's

@@ -133,12 +133,10 @@ class SimulationBank(Dataset):
                         "Implicit(on_invalid='drop') does) before training."
                     )
 
-    def check_layout(self, layout, nesting):
+    def check_layout(self, layout):
         """Raise ``ValueError`` unless this bank was simulated from the model of ``layout``
         (a :class:`~pyro_jc.layout.ModelLayout`): the same latent and observed sites, each
         simulation shaped like the site (the data-set size included).
-
-        :param int nesting: the plate depth the simulations were laid out with.
         """
         for part, names, values in (
             ("latents", layout.latent_sites, self.latents),
