@@ -18,7 +18,10 @@ from .errors import (
     ObservationTypeError,
     PlateShapeError,
     SimulatorError,
+    SimulatorWarning,
     UnsampleableSiteError,
+    UnsupportedModelError,
+    VectorizationWarning,
 )
 from .forward_kl import ForwardKL
 from .iwelbo import JointContrastiveIWELBO
@@ -36,7 +39,10 @@ __all__ = [
     "ObservationShapeError",
     "ObservationTypeError",
     "UnsampleableSiteError",
+    "UnsupportedModelError",
     "SimulatorError",
+    "SimulatorWarning",
+    "VectorizationWarning",
     "simulate",
     "diagnostics",
     "optim",

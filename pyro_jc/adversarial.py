@@ -27,7 +27,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
 
-from .errors import MissingGuideSiteError
+from .errors import MissingGuideSiteError, UnsupportedModelError
 from .joints import (
     check_num_particles,
     data_frames,
@@ -333,14 +333,14 @@ class AdversarialELBO(ELBO):
             )
         for site in latents + observed:
             if not in_plate(site, frame):
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Site {site['name']!r} is outside the data plate {frame.name!r}. "
                     "AdversarialELBO needs every latent and observed site in the data plate "
                     "(one pair (z_i, x_i) per datapoint); global latents are not supported."
                 )
             others = [f.name for f in data_frames(site) if f != frame]
             if others:
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Site {site['name']!r} is in plates {others} besides the data plate "
                     f"{frame.name!r}; give it an event shape (.to_event) instead."
                 )
@@ -355,7 +355,9 @@ class AdversarialELBO(ELBO):
             model_pairs = self._model_pairs(model, guide, args, kwargs, explicit=False)
         self._z_dim = model_pairs["z_dim"]
         device, dtype = features.device, features.dtype
-        self.standardize = Standardize(features.shape[-1]).to(device=device, dtype=dtype)
+        self.standardize = Standardize(
+            features.shape[-1], what="the discriminator's inputs (latents and observations)"
+        ).to(device=device, dtype=dtype)
         self.standardize.fit(model_pairs["features"])
         self.discriminator = self._build_discriminator(features.shape[-1]).to(
             device=device, dtype=dtype
@@ -557,7 +559,7 @@ class AdversarialELBO(ELBO):
                 continue
             grads = torch.autograd.grad(log_p.sum(), sims, retain_graph=True, allow_unused=True)
             if any(g is not None for g in grads):
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Explicit site {name!r} depends on the implicit, learnable simulation(s) "
                     f"{self._dual_sites}: AdversarialELBO learns simulator parameters only when "
                     "explicit sites do not sit downstream of implicit ones. Make the downstream "

@@ -15,8 +15,10 @@ joint-contrastive ELBOs (reparameterized samples).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from functools import reduce
@@ -34,6 +36,7 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import IndependentTransform
 
+from .errors import ObservationShapeError, UnsupportedModelError
 from .joints import (
     data_frames,
     in_plate,
@@ -145,7 +148,7 @@ class AutoAmortizedGuide(PyroModule):
             raise ValueError("The model has no latent sites: there is nothing to infer.")
         for site in latents:
             if site["fn"].support.is_discrete:
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Latent site {site['name']!r} is discrete; {type(self).__name__} covers "
                     "continuous latents. Write the guide by hand for discrete sites (e.g. a "
                     "Categorical whose logits come from a network of x)."
@@ -164,7 +167,7 @@ class AutoAmortizedGuide(PyroModule):
         local = [s["name"] for s in latents if in_plate(s, self._frame)]
         glob = [s["name"] for s in latents if not in_plate(s, self._frame)]
         if local and glob:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{type(self).__name__} covers models whose latents are all global or all "
                 f"local to the data plate {self._frame.name!r}; this one mixes global "
                 f"{glob} and local {local}. Write a guide that conditions the local sites on "
@@ -175,14 +178,20 @@ class AutoAmortizedGuide(PyroModule):
             in_plate(s, self._frame) for s in observed.values()
         )
         if self._local and not per_datapoint:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 "Local latents need every observed site inside the data plate "
                 f"{self._frame.name!r}, so that each datapoint has its own observation."
             )
         self._per_datapoint = per_datapoint
+        # Data may leave out leading dims of size 1 (Pyro broadcasts them); the guide reads
+        # them padded to the site's full shape (see _read). Data that merely broadcast
+        # otherwise would give the networks another shape than the model's: refused.
+        layout.check_observed_shapes(leading_dims=True)
         self._obs_layout = {
-            name: (obs[name].dim(), len(site["fn"].event_shape)) for name, site in observed.items()
+            name: (len(site["fn"].shape()), len(site["fn"].event_shape))
+            for name, site in observed.items()
         }
+        self._obs_shapes = {name: tuple(site["fn"].shape()) for name, site in observed.items()}
         self._latent_layout = [self._site_layout(s) for s in latents]
         self.latent_dim = sum(layout["size"] for layout in self._latent_layout)
         # Coordinates of the joined vector that live in the unit box ("box" intervals).
@@ -194,10 +203,18 @@ class AutoAmortizedGuide(PyroModule):
             offset += layout["size"]
         self.register_buffer("box_index", torch.tensor(box, dtype=torch.long) if box else None)
 
+        # The networks produce the model's latents: they take the latents' device and dtype
+        # (float64 data for a float32 model enter as float32).
+        ref = latents[0]["value"]
+        self._feature_kind = {"device": ref.device, "dtype": ref.dtype}
         x = self._features(self._read(args, kwargs))
-        device, dtype = x.device, x.dtype
-        self.obs_standardize = Standardize(x.shape[-1]).to(device=device, dtype=dtype)
-        self.latent_standardize = Standardize(self.latent_dim).to(device=device, dtype=dtype)
+        device, dtype = ref.device, ref.dtype
+        self.obs_standardize = Standardize(
+            x.shape[-1], what=f"the observations of {sorted(observed)} (guide inputs)"
+        ).to(device=device, dtype=dtype)
+        self.latent_standardize = Standardize(self.latent_dim, what="the unconstrained latents").to(
+            device=device, dtype=dtype
+        )
         if self.context_dim is None:
             self.context_dim = max(64, 2 * self.latent_dim)
         if self.hidden_dims is None:
@@ -217,13 +234,13 @@ class AutoAmortizedGuide(PyroModule):
         frames = [f for f in data_frames(site) if f != self._frame]
         if self._local:
             for f in frames:
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Local site {site['name']!r} is in plate {f.name!r} nested in the data "
                     "plate; amortized autoguides support one data plate per local site."
                 )
         for f in frames:
             if f.full_size is not None and f.full_size != f.size:
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Global site {site['name']!r} is in the subsampled plate {f.name!r}; "
                     "amortized autoguides subsample only the data plate."
                 )
@@ -271,7 +288,38 @@ class AutoAmortizedGuide(PyroModule):
     # -- observations -----------------------------------------------------------------------
 
     def _read(self, args, kwargs):
-        return self._layout.read(args, kwargs)
+        """The observations in ``args``/``kwargs``, padded to their sites' dims and checked
+        against the shapes the guide was set up for: the same up to leading dims (a batch of
+        observations, shared by all sites) and the size of the data plate (another data set,
+        or the full data of a subsampled plate)."""
+        observations = self._layout.read(args, kwargs)
+        prefixes = {}
+        for name, x in observations.items():
+            ndim, event_dim = self._obs_layout[name]
+            if x.dim() < ndim:
+                x = observations[name] = x.reshape((1,) * (ndim - x.dim()) + x.shape)
+            expected = self._obs_shapes[name]
+            got = tuple(x.shape[x.dim() - ndim :])
+            free = ndim + self._frame.dim - event_dim if self._per_datapoint else None
+            if any(g != e for i, (g, e) in enumerate(zip(got, expected, strict=True)) if i != free):
+                plate = (
+                    f" (any size along dim {free - ndim}, the data plate {self._frame.name!r})"
+                    if free is not None
+                    else ""
+                )
+                raise ObservationShapeError(
+                    f"Observed site {name!r}: {type(self).__name__} was set up for data shaped "
+                    f"{expected}{plate}, optionally with leading dims for a batch of "
+                    f"observations, but got shape {tuple(x.shape)}. Pass data shaped as the "
+                    "model's site (as when the guide was set up)."
+                )
+            prefixes[name] = tuple(x.shape[: x.dim() - ndim])
+        if len(set(prefixes.values())) > 1:
+            raise ObservationShapeError(
+                "The observed sites carry different leading (batch) dims: "
+                f"{prefixes}; a batch of observations needs the same leading dims on every site."
+            )
+        return observations
 
     def _prefix(self, observations):
         name, x = next(iter(observations.items()))
@@ -299,8 +347,12 @@ class AutoAmortizedGuide(PyroModule):
                 x = x.index_select(len(prefix), index)
             feats.append(x.reshape(x.shape[: len(prefix) + 1] + (-1,)))
         x = torch.cat(feats, -1)
-        # Counts and categories (integer data) enter the networks as floats.
-        return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+        # Counts and categories (integer data) enter the networks as floats, any data in
+        # the networks' dtype and on their device.
+        standardize = self._modules.get("obs_standardize")
+        if standardize is not None:  # set up: follow the module (guide.to(...) moves it)
+            return x.to(device=standardize.mean.device, dtype=standardize.mean.dtype)
+        return x.to(**self._feature_kind)
 
     def standardize(self, observations: dict | None = None, latents: dict | None = None) -> None:
         """Fit the standardization of observations and/or latents from samples, e.g. the
@@ -373,8 +425,12 @@ class AutoAmortizedGuide(PyroModule):
         observations = self._read(args, kwargs)
         x = self._features(observations, index)
         if not self.obs_standardize.is_fitted and x.reshape(-1, x.shape[-1]).shape[0] > 1:
-            self.obs_standardize.fit(x)
-        context = self.embedding(self.obs_standardize(x))
+            # From the data themselves (ELBO training): a few datapoints may well agree.
+            self.obs_standardize.fit(x, warn_constant=False)
+        x = self.obs_standardize(x)
+        if self._querying and self.obs_standardize.is_fitted:
+            self._check_extrapolation(x)
+        context = self.embedding(x)
         prefix = self._prefix(observations)
         if self._local:
             n = context.shape[len(prefix)]
@@ -506,6 +562,8 @@ class AutoAmortizedGuide(PyroModule):
                         self._latent_layout, self._split(draw["u"]), strict=True
                     )
                 }
+                if not torch.is_grad_enabled():  # drawing posterior samples for use
+                    self._check_draws(draw["z"])
             return draw["z"]
 
         def log_density():
@@ -547,6 +605,62 @@ class AutoAmortizedGuide(PyroModule):
                 values[name] = pyro.sample(name, fn)
         return values
 
+    _querying = False  # inside sample_posterior / median / quantiles
+
+    @contextlib.contextmanager
+    def _query(self):
+        """Mark a posterior query by the user (not a draw inside training), whose
+        observations are checked against the training range."""
+        outer, self._querying = self._querying, True
+        try:
+            yield
+        finally:
+            self._querying = outer
+
+    #: Standardized observations beyond this many standard deviations from the mean of the
+    #: training observations get a warning when the guide is sampled.
+    EXTRAPOLATION_SDS = 20.0
+
+    def _check_extrapolation(self, x):
+        self._obs_extent = float(x.abs().amax()) if x.numel() else 0.0
+        if self._obs_extent > self.EXTRAPOLATION_SDS and not getattr(self, "_extrapolated", 0):
+            self._extrapolated = True  # once per guide: loops over observations stay readable
+            warnings.warn(
+                f"{type(self).__name__}: the observations reach {self._obs_extent:.3g} standard "
+                "deviations from the mean of those the guide was trained on (simulations or "
+                f"data), beyond {self.EXTRAPOLATION_SDS:g}: the guide is extrapolating, and "
+                "its posterior there is not to be trusted. Check the observations (units, "
+                "preprocessing) or train on simulations that cover them.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_draws(self, values):
+        """Warn about draws that left their site's support numerically (``inf``, or ``0.0``
+        for a positive site): the unconstrained draw overflowed its transform, which happens
+        for observations far outside those the guide was trained on."""
+        for layout in self._latent_layout:
+            z = values[layout["name"]]
+            broken = ~torch.isfinite(layout["transform"].inv(z))
+            if not bool(broken.any()):
+                continue
+            extent = getattr(self, "_obs_extent", None)
+            where = (
+                f" The observations reach {extent:.3g} standard deviations from the mean of "
+                "those the guide was trained on."
+                if extent is not None
+                else ""
+            )
+            warnings.warn(
+                f"{type(self).__name__}: {float(broken.float().mean()):.1%} of the draws of site "
+                f"{layout['name']!r} overflowed its support ({layout['support']}): they came out "
+                f"as inf or on the boundary.{where} The guide is extrapolating far outside its "
+                "training range: check the observations (units, preprocessing), or train on "
+                "simulations that cover them.",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def _log_density(self, q_u, values, u=None):
         """``log q(z | x)`` of the latents ``values`` (``{site: value}``, leading dims
         broadcast against ``q_u``'s batch), shape ``(*left, *aux_batch)``; ``u``: their joined
@@ -584,7 +698,7 @@ class AutoAmortizedGuide(PyroModule):
             )
         prefix = self._prefix(self._read(args, kwargs))
         dim = -self._nesting - 1 - len(prefix)
-        with pyro.plate("_num_posterior_samples", num_samples, dim=dim):
+        with self._query(), pyro.plate("_num_posterior_samples", num_samples, dim=dim):
             trace = poutine.trace(self).get_trace(*args, **kwargs)
         return {
             layout["name"]: trace.nodes[layout["name"]]["value"] for layout in self._latent_layout
@@ -637,7 +751,8 @@ class AutoAmortizedGuide(PyroModule):
         :returns: ``{site: tensor}`` shaped like the site with the observations' leading dims.
         """
         self._check_set_up("median")
-        return self._from_unconstrained(self._median_unconstrained(args, kwargs))
+        with self._query():
+            return self._from_unconstrained(self._median_unconstrained(args, kwargs))
 
     @torch.no_grad()
     def quantiles(
@@ -656,7 +771,8 @@ class AutoAmortizedGuide(PyroModule):
         levels = torch.as_tensor(quantiles, dtype=torch.get_default_dtype())
         if levels.dim() != 1 or not bool(((levels > 0) & (levels < 1)).all()):
             raise ValueError(f"quantiles must be a list of levels in (0, 1); got {quantiles}.")
-        exact = self._quantiles_unconstrained(levels, args, kwargs)
+        with self._query():
+            exact = self._quantiles_unconstrained(levels, args, kwargs)
         if exact is not None:
             return self._from_unconstrained(exact)
         draws = self.sample_posterior(*args, num_samples=num_samples, **kwargs)

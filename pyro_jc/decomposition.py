@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .errors import UnsupportedModelError
 from .joints import in_plate, latent_sites, num_datapoints, sample_sites, sum_to_datapoints
 
 
@@ -52,7 +53,7 @@ def information_terms(model_trace, guide_trace, frame, particle_dim=None):
         guide_site = guide_trace.nodes[model_site["name"]]
         for site in (model_site, guide_site):
             if site["mask"] is not None:
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"Site {site['name']!r} is masked (poutine.mask or obs_mask); the mutual "
                     "information estimate does not support masks: pass "
                     "estimate_information=False."

@@ -9,7 +9,11 @@ likelihood-free losses (:class:`~pyro_jc.ForwardKL`, the adversarial guide) use 
 
 from __future__ import annotations
 
+import math
 import numbers
+import traceback
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,12 +23,15 @@ from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.poutine.messenger import Messenger
 
-from .errors import ImplicitDensityError, SimulatorError
+from .errors import ImplicitDensityError, SimulatorError, SimulatorWarning
 
 #: Key of ``site["infer"]`` holding the boolean mask of simulations dropped as invalid.
 INVALID_KEY = "invalid_simulations"
 
 _ON_INVALID = ("raise", "drop")
+
+#: simulator -> {(site, exception type)} whose dropped draws were reported already.
+_WARNED = weakref.WeakKeyDictionary()
 
 
 class Implicit(TorchDistribution):
@@ -70,9 +77,13 @@ class Implicit(TorchDistribution):
         parameters (and its own noise); :meth:`rsample` then carries gradients.
     :param support: the outcome's support (default real).
     :param str on_invalid: ``"raise"`` (default) raises :class:`~pyro_jc.SimulatorError` on
-        non-finite output; ``"drop"`` replaces invalid draws with zeros and records their
-        mask so that :class:`~pyro_jc.ForwardKL` and :func:`~pyro_jc.simulate` drop them
-        (they count and report how many).
+        non-finite output or when the simulator raises (naming the draw and its
+        parameters); ``"drop"`` marks such draws invalid (zeros in their place) and records
+        their mask so that :class:`~pyro_jc.ForwardKL` and :func:`~pyro_jc.simulate` drop them
+        (they count and report how many; the first exception's traceback is shown in a
+        :class:`~pyro_jc.errors.SimulatorWarning`). A vectorized simulator that raises is
+        retried one draw at a time to find the draws that raise; a call in which every draw
+        raises is an error either way.
     """
 
     arg_constraints = {}
@@ -189,17 +200,81 @@ class Implicit(TorchDistribution):
             flat.append(p.expand(shape + event).reshape((n,) + event))
         ref = self.params[0] if self.params else torch.zeros(())
         if self.vectorized:
-            out = self._to_tensor(self._call(flat), ref)
-            self._check_shape(out, (n,) + self.event_shape, "returned")
+            try:
+                out = self._call(flat)
+            except Exception as e:
+                if self.on_invalid != "drop" or n < 2:
+                    raise self._raised(e, "its vectorized call", flat) from e
+                # The batch cannot say which draw raised: retry them one by one (as batches
+                # of one) so that only the draws that raise are dropped.
+                out = self._one_by_one(flat, n, ref, batch=True)
+            else:
+                out = self._to_tensor(out, ref)
+                self._check_shape(out, (n,) + self.event_shape, "returned")
         else:
-            draws = []
-            for i in range(n):
-                draw = self._to_tensor(self._call([p[i] for p in flat]), ref)
-                self._check_shape(draw, self.event_shape, f"returned for draw {i}")
-                draws.append(draw)
-            out = torch.stack(draws) if draws else ref.new_zeros((0,) + self.event_shape)
+            out = self._one_by_one(flat, n, ref, batch=False)
         out = self._check_finite(out)
         return out.reshape(shape + self.event_shape)
+
+    def _one_by_one(self, flat, n, ref, batch):
+        draws, failed = [], []
+        for i in range(n):
+            params = [p[i : i + 1] if batch else p[i] for p in flat]
+            try:
+                draw = self._call(params)
+            except Exception as e:
+                if self.on_invalid != "drop":
+                    raise self._raised(e, f"draw {i} of {n}", params) from e
+                failed.append(e)
+                # NaN marks the draw invalid: _check_finite drops it with the others.
+                draws.append(torch.full(self.event_shape, math.nan, dtype=ref.dtype))
+                continue
+            draw = self._to_tensor(draw, ref)
+            if batch:
+                self._check_shape(draw, (1,) + self.event_shape, f"returned for draw {i}")
+                draw = draw[0]
+            else:
+                self._check_shape(draw, self.event_shape, f"returned for draw {i}")
+            draws.append(draw)
+        if failed:
+            if len(failed) == n and n > 1:
+                # Every draw raising is a broken simulator, not a bad region of the prior.
+                raise self._raised(failed[0], f"every one of the {n} draws", None) from failed[0]
+            self._warn_dropped(failed[0])
+        if not draws:
+            return ref.new_zeros((0,) + self.event_shape)
+        return torch.stack([d.to(device=ref.device, dtype=ref.dtype) for d in draws])
+
+    def _warn_dropped(self, error):
+        # Once per simulator, site and exception type: a run of many chunks must not repeat
+        # it (simulate and ForwardKL report the counts).
+        try:
+            seen = _WARNED.setdefault(getattr(self.simulator, "__func__", self.simulator), set())
+        except TypeError:  # not weakly referenceable: say it every time
+            seen = set()
+        key = (self._where(), type(error))
+        if key in seen:
+            return
+        seen.add(key)
+        first = "".join(traceback.format_exception(error)).rstrip()
+        warnings.warn(
+            f"{self._where()}: the simulator raised {type(error).__name__} for some draws; "
+            "they are dropped as invalid (on_invalid='drop') and counted with the non-finite "
+            f"ones. The first error:\n{first}",
+            SimulatorWarning,
+            stacklevel=5,
+        )
+
+    def _raised(self, error, where, params):
+        shown = ""
+        if params is not None:
+            values = [p.tolist() if torch.is_tensor(p) and p.numel() <= 8 else p for p in params]
+            shown = f" with parameters {values}"
+        return SimulatorError(
+            f"{self._where()}: the simulator raised {type(error).__name__}: {error} in "
+            f"{where}{shown}. Fix the simulator, restrict the prior to parameters it handles, "
+            "or pass on_invalid='drop' to discard the draws that raise (counted and reported)."
+        )
 
     def _call(self, tensors):
         if self.numpy:

@@ -37,6 +37,20 @@ class ObservationTypeError(JointContrastiveError, TypeError):
     """An observed site's data are not a tensor (a numpy array or a list, say)."""
 
 
+class UnsupportedModelError(JointContrastiveError, NotImplementedError):
+    """The model's structure is one that this loss or guide does not cover (a discrete
+    latent for an amortized autoguide, say); the message names the site and the way out."""
+
+
 class UnsampleableSiteError(JointContrastiveError, NotImplementedError):
     """Pairs must be simulated from the model, but a site's distribution cannot be sampled
     (an improper prior such as ``ImproperUniform``)."""
+
+
+class SimulatorWarning(UserWarning):
+    """A simulator raised for some draws, which were dropped (``on_invalid="drop"``)."""
+
+
+class VectorizationWarning(UserWarning):
+    """An observed site does not vary across a plate of simulations: the model may not be
+    vectorization-safe (it sums or indexes over the simulations)."""

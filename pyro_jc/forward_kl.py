@@ -264,7 +264,10 @@ class ForwardKL(ELBO):
                     f"simulated latent has batch shape {tuple(expected)}. The guide's data "
                     "argument carries a leading dim of simulations; reduce over data dims with "
                     "keepdim=True (or reshape) so that each simulation gets its own "
-                    "distribution in the model's batch layout."
+                    "distribution in the model's batch layout. (A pyro_jc autoguide follows "
+                    "the model's shapes: there the model is not vectorization-safe (it sums or "
+                    "indexes over the simulations); fix it, or use "
+                    "ForwardKL(vectorize_particles=False).)"
                 )
         names = {s["name"] for s in sample_sites(guide_trace)}
         for name in latents:

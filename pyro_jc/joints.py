@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import pyro
 import pyro.poutine as poutine
@@ -33,6 +34,7 @@ from .errors import (
     ObservationShapeError,
     PlateShapeError,
     UnsampleableSiteError,
+    VectorizationWarning,
 )
 
 #: Name of the plate Pyro's :class:`~pyro.infer.elbo.ELBO` puts around vectorized particles.
@@ -211,8 +213,20 @@ def guide_joint_traces(model, guide, args, kwargs, max_plate_nesting=math.inf):
         raise
 
     if is_validation_enabled():
+        check_no_extra_data_dims(model_trace)
         check_guide_covers_model(model_trace, guide_trace)
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        try:
+            check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        except ValueError as e:
+            if "shapes disagree" not in str(e):
+                raise
+            raise PlateShapeError(
+                f"{e}. The guide draws the site with other dims than the model. With an "
+                "amortized guide, the usual cause is data with extra leading dims, which the "
+                "guide reads as a batch of observations (one posterior each): pass one "
+                "observation shaped as the model's site, and keep batches of observations "
+                "for the guide's queries (guide.sample_posterior(x_batch))."
+            ) from e
 
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
@@ -229,12 +243,34 @@ def _run_traced(fn, role, args, kwargs):
         return poutine.trace(fn).get_trace(*args, **kwargs)
     except ValueError as e:
         if "Shape mismatch inside plate" in str(e):
-            raise PlateShapeError(
-                f"In the {role}: {e}\nA tensor's batch dims must match the sizes of the plates "
-                "around its site: index data with the plate's indices (subsampling), or give "
-                "the site's distribution matching batch dims (.expand(), .to_event())."
-            ) from e
+            remedy = (
+                _VECTORIZATION_HINT
+                if f"plate('{PARTICLE_PLATE}')" in str(e)
+                else "A tensor's batch dims must match the sizes of the plates around its "
+                "site: index data with the plate's indices (subsampling), or give the site's "
+                "distribution matching batch dims (.expand(), .to_event())."
+            )
+            raise PlateShapeError(f"In the {role}: {e}\n{remedy}") from e
         raise
+
+
+def check_no_extra_data_dims(model_trace):
+    """Raise :class:`ObservationShapeError` for observed data with more dims than their
+    site's distribution: the model would broadcast the distribution over them outside any
+    plate (Pyro's shape check refuses that too, less plainly), while an amortized guide
+    reads them as a batch of observations, one posterior each."""
+    for site in sample_sites(model_trace):
+        if not site["is_observed"]:
+            continue
+        data, expected = tuple(site["value"].shape), tuple(site["fn"].shape())
+        if len(data) > len(expected):
+            raise ObservationShapeError(
+                f"Observed site {site['name']!r}: the data have shape {data}, more dims than "
+                f"its distribution's {expected} (batch {tuple(site['fn'].batch_shape)}, event "
+                f"{tuple(site['fn'].event_shape)}). Put the extra dims in a pyro.plate or the "
+                "event shape, or pass one observation (a batch of observations is for an "
+                "amortized guide's queries, e.g. guide.sample_posterior(x_batch))."
+            )
 
 
 def check_guide_covers_model(model_trace, guide_trace):
@@ -312,16 +348,21 @@ def check_plate_shapes(trace, role, max_plate_nesting):
             ) from e
 
 
-def check_observed_shapes(trace):
+def check_observed_shapes(trace, leading_dims=False):
     """Raise :class:`ObservationShapeError` for an observed site whose data are not shaped
     like its distribution (up to leading dims of size 1 that the data leave out). Pyro
     tolerates data that merely broadcast, an extra leading dim of size 1 say, but simulated
     data take the distribution's shape, so a guide trained on them would meet the real data
-    in another shape."""
+    in another shape.
+
+    :param bool leading_dims: allow extra leading dims (a batch of observations, as an
+        amortized guide takes them)."""
     for site in sample_sites(trace):
         if not site["is_observed"]:
             continue
         data, expected = tuple(site["value"].shape), tuple(site["fn"].shape())
+        if leading_dims and len(data) > len(expected):
+            data = data[len(data) - len(expected) :]
         padded = (1,) * (len(expected) - len(data)) + data
         if padded != expected:
             raise ObservationShapeError(
@@ -434,8 +475,51 @@ def model_joint_trace(model, args, kwargs, num_samples=None, max_plate_nesting=N
     if num_samples is not None:
         if max_plate_nesting is None or max_plate_nesting == math.inf:
             raise ValueError("model_joint_trace needs a finite max_plate_nesting to vectorize.")
+        if num_samples > 1:
+            fn = _SimulationDimCheck(num_samples, max_plate_nesting)(fn)
         fn = pyro.plate(PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)(fn)
     return prune_subsample_sites(trace_model(fn, args, kwargs))
+
+
+_VECTORIZATION_HINT = (
+    "Under a plate over simulations (or particles) every tensor of the model gains a leading "
+    "batch dim, so the model must be vectorization-safe: reduce over event dims only "
+    "(z.sum(-1), not z.sum()), index from the right (z[..., 0], not z[0]), and avoid "
+    "reshapes with fixed sizes. A pyro_jc autoguide follows the model's shapes, so the "
+    "model is the place to fix. Or draw one simulation per model run: "
+    "ForwardKL(vectorize_particles=False), simulate(..., vectorize=False)."
+)
+
+
+class _SimulationDimCheck(Messenger):
+    """Warns about an observed site whose distribution, before the plate over simulations
+    broadcasts it, has no dim for the simulations: every simulation then draws its data
+    from one distribution. Either the model is not vectorization-safe (it sums or indexes
+    over the simulations, and training would be silently wrong) or the site depends on no
+    latent (an ancillary observation, harmless): only the user can tell, so this warns
+    (once per site and shape, through the warnings filter) rather than refuses."""
+
+    def __init__(self, num_samples, max_plate_nesting):
+        super().__init__()
+        self.num_samples, self.dim = num_samples, -max_plate_nesting - 1
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample" or not msg["infer"].get("was_observed"):
+            return
+        shape = msg["fn"].batch_shape
+        if len(shape) >= -self.dim and shape[self.dim] == self.num_samples:
+            return
+        warnings.warn(
+            f"Observed site {msg['name']!r}: under a plate of simulations at dim {self.dim}, "
+            f"its distribution has batch shape {tuple(shape)}, without that dim, so every "
+            "simulation draws its data from the same distribution. If the site depends on a "
+            "latent, the model is not vectorization-safe and training would be wrong. "
+            + _VECTORIZATION_HINT
+            + " (If the site depends on no latent, it carries no information and this "
+            "warning can be ignored.)",
+            VectorizationWarning,
+            stacklevel=2,
+        )
 
 
 def trace_model(model, args, kwargs):

@@ -104,10 +104,12 @@ class ModelLayout:
         """The prototype trace's site ``name``."""
         return self.trace.nodes[name]
 
-    def check_observed_shapes(self):
+    def check_observed_shapes(self, leading_dims: bool = False) -> None:
         """Raise :class:`~pyro_jc.ObservationShapeError` for data shaped unlike their site's
-        distribution (see :func:`~pyro_jc.joints.check_observed_shapes`)."""
-        check_observed_shapes(self.trace)
+        distribution (see :func:`~pyro_jc.joints.check_observed_shapes`).
+
+        :param bool leading_dims: allow extra leading dims (a batch of observations)."""
+        check_observed_shapes(self.trace, leading_dims)
 
     def read(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         """``{observed site: data}`` read from the arguments of another call."""

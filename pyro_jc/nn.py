@@ -3,6 +3,8 @@ feature standardization."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -50,12 +52,15 @@ class Standardize(nn.Module):
 
     :param int dim: number of features.
     :param float min_std: features whose standard deviation is at most ``min_std`` times
-        the data's largest magnitude are treated as constant and keep unit scale (relative,
-        so that data on a scale of 1e-7 are standardized as data on a scale of 1).
+        their own largest magnitude are treated as constant and keep unit scale (relative,
+        so that data on a scale of 1e-7 are standardized as data on a scale of 1); a
+        warning names them.
+    :param str what: what the features are, for that warning.
     """
 
-    def __init__(self, dim, min_std=1e-6):
+    def __init__(self, dim, min_std=1e-6, what="features"):
         super().__init__()
+        self.what = what
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
         # A floating-point flag (1 once fitted), so it can live in Pyro's param store.
@@ -79,18 +84,35 @@ class Standardize(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
-    def fit(self, x):
+    def fit(self, x, warn_constant=True):
         """Set the statistics from samples ``x`` of shape ``(..., dim)`` (all leading dims are
-        samples). Constant features keep unit scale."""
+        samples). Constant features keep unit scale.
+
+        :param bool warn_constant: warn about constant features (they are expected in a
+            small batch of real data, not in simulations).
+        """
         x = x.reshape(-1, x.shape[-1]).to(self.mean)
         finite = torch.isfinite(x).all(-1)
         x = x[finite]
         if x.shape[0] < 2:
             return
         std = x.std(0)
-        threshold = self.min_std * x.abs().max()
+        # Per feature: a feature on a scale of 1e-7 beside one on a scale of 1 still varies.
+        threshold = self.min_std * x.abs().amax(0)
+        varies = std > threshold
+        if warn_constant and not bool(varies.all()):
+            constant = (~varies).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, constant[:10])) + (", ..." if len(constant) > 10 else "")
+            warnings.warn(
+                f"Standardizing {self.what}: {len(constant)} of {x.shape[-1]} features are "
+                f"constant across the {x.shape[0]} samples (feature {shown}); they keep unit "
+                "scale and carry no information to learn from. If they should vary, check the "
+                "model or simulator that produces them (or their scale).",
+                UserWarning,
+                stacklevel=2,
+            )
         self.mean.copy_(x.mean(0))
-        self.std.copy_(torch.where(std > threshold, std, torch.ones_like(std)))
+        self.std.copy_(torch.where(varies, std, torch.ones_like(std)))
         self.fitted.fill_(1.0)
         self._known_fitted = True
 

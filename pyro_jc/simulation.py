@@ -6,14 +6,18 @@ read banks as any torch dataset.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
+import pyro
+import pyro.util
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from .errors import NonFiniteError
+from .errors import JointContrastiveError, NonFiniteError, SimulatorError
 from .joints import model_joint_pairs
 from .layout import ModelLayout
 
@@ -32,22 +36,44 @@ def simulate(
 ) -> dict:
     """Simulate a bank of pairs ``(z, x) ~ p(z, x)`` from ``model`` (observed sites released).
 
+    The work is cut into chunks of ``batch_size`` pairs, each drawn in one vectorized model
+    run under its own seed, taken from the global random state (``pyro.set_rng_seed``) at
+    the start: a bank is reproducible for a given chunk size, and the global state moves on
+    by one draw whatever the bank's size. What a failure or an interrupt stops is kept:
+
+    * a simulator that raises stops the run with the error, which names the chunk and keeps
+      the simulations finished before it in its ``simulations`` attribute (a bank);
+      ``Implicit(on_invalid="drop")`` drops the draws that raise instead (counted with the
+      invalid ones, the first traceback shown);
+    * Ctrl-C (``KeyboardInterrupt``) returns the finished chunks as a smaller bank, with a
+      warning.
+
     :param model: a Pyro model; ``args``/``kwargs`` as for training (they fix plate sizes).
     :param int num_simulations: number of pairs to keep.
-    :param int batch_size: pairs per vectorized model run (default: all at once).
+    :param int batch_size: pairs per chunk (one vectorized model run); default
+        ``max(100, ceil(num_simulations / 100))``, so that progress moves by at most a
+        hundredth of the work.
     :param bool vectorize: run the model in a plate over simulations (default); ``False``
         runs it once per pair (for models with Python control flow on sampled values).
     :param int max_plate_nesting: the model's plate depth (found from one run if omitted).
-    :param bool progress: show a tqdm progress bar.
+    :param bool progress: show a tqdm progress bar, advanced after every chunk.
     :returns: ``{"latents": {site: tensor}, "observations": {site: tensor},
         "num_invalid": int}``; every tensor has the simulations along dim 0 (the layout of
         a plate over simulations at dim ``-max_plate_nesting - 1``). Invalid draws (see
         ``Implicit(on_invalid="drop")``) are dropped and counted. Plain tensors: save with
         ``torch.save`` and load with ``torch.load(..., weights_only=True)``; serve them with
         :class:`SimulationBank`.
+    :raises SimulatorError: a simulator failed (its ``simulations`` attribute holds the bank
+        simulated before the failure).
     """
+    if isinstance(num_simulations, bool) or not isinstance(num_simulations, int):
+        raise TypeError(f"num_simulations must be an int, got {num_simulations!r}.")
     if num_simulations < 1:
         raise ValueError(f"num_simulations must be positive, got {num_simulations}.")
+    if batch_size is None:
+        batch_size = max(100, math.ceil(num_simulations / 100))
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     layout = ModelLayout(model, args, kwargs)
     layout.check_observed_shapes()
     if not layout.observed_sites:
@@ -56,45 +82,116 @@ def simulate(
             "pyro.sample(name, dist, obs=data) so that it knows what to simulate."
         )
     nesting = layout.plate_nesting if max_plate_nesting is None else max_plate_nesting
-    batch_size = batch_size or num_simulations
-    latents, sims, num_invalid, kept = {}, {}, 0, 0
+    # One draw from the global state seeds every chunk: chunk k's pairs depend only on it.
+    base_seed = int(torch.randint(2**62, ()))
+    chunks, num_invalid, kept, attempt = [], 0, 0, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_simulations, desc="simulate")
-    while kept < num_simulations:
-        num = min(batch_size, num_simulations - kept) if vectorize else None
-        z, x, invalid = model_joint_pairs(model, args, kwargs, num, nesting, pad=True)
-        if invalid is not None:
-            num_invalid += int(invalid.sum())
-            z = {k: v[~invalid] for k, v in z.items()}
-            x = {k: v[~invalid] for k, v in x.items()}
-        for store, batch in ((latents, z), (sims, x)):
-            for k, v in batch.items():
-                store.setdefault(k, []).append(v)
-        added = next(iter(x.values())).shape[0]
-        kept += added
-        if bar is not None:
-            bar.update(added)
-        if num_invalid > 10 * num_simulations:
-            raise NonFiniteError(
-                f"simulate: {num_invalid} invalid simulations for {kept} valid ones; the "
-                "simulator fails on most of the prior. Restrict the prior."
-            )
-    if bar is not None:
-        bar.close()
-    if num_invalid:
+    try:
+        while kept < num_simulations:
+            num = min(batch_size, num_simulations - kept)
+            try:
+                with _seeded(base_seed + attempt):
+                    z, x, invalid = _simulate_chunk(model, args, kwargs, num, nesting, vectorize)
+            except Exception as e:
+                # pyro_jc's errors keep their class; anything else the model or simulator
+                # raised becomes a SimulatorError. Either way the finished chunks are kept.
+                cls = type(e) if isinstance(e, JointContrastiveError) else SimulatorError
+                raise _stopped(e, cls, attempt, kept, num_simulations, chunks, num_invalid) from e
+            attempt += 1
+            if invalid is not None:
+                num_invalid += int(invalid.sum())
+                z = {k: v[~invalid] for k, v in z.items()}
+                x = {k: v[~invalid] for k, v in x.items()}
+            added = next(iter(x.values())).shape[0]
+            chunks.append((z, x))
+            kept += added
+            if bar is not None:
+                bar.update(min(added, num_simulations - bar.n))
+            if num_invalid > 10 * num_simulations:
+                raise NonFiniteError(
+                    f"simulate: {num_invalid} invalid simulations for {kept} valid ones; the "
+                    "simulator fails on most of the prior. Restrict the prior."
+                )
+    except KeyboardInterrupt:
+        if not kept:
+            raise
         warnings.warn(
-            f"simulate dropped {num_invalid} invalid simulations (kept {num_simulations}).",
+            f"simulate was interrupted: returning the {min(kept, num_simulations)} of "
+            f"{num_simulations} simulations finished.",
             UserWarning,
             stacklevel=2,
         )
+    finally:
+        if bar is not None:
+            bar.close()
+    if num_invalid:
+        warnings.warn(
+            f"simulate dropped {num_invalid} invalid simulations (kept "
+            f"{min(kept, num_simulations)}).",
+            UserWarning,
+            stacklevel=2,
+        )
+    bank = _concatenated(chunks, num_simulations)
+    bank["num_invalid"] = num_invalid
+    return bank
+
+
+def _simulate_chunk(model, args, kwargs, num, nesting, vectorize):
+    if vectorize:
+        return model_joint_pairs(model, args, kwargs, num, nesting)
+    pairs = [model_joint_pairs(model, args, kwargs, None, nesting, pad=True) for _ in range(num)]
+    z = {k: torch.cat([p[0][k] for p in pairs]) for k in pairs[0][0]}
+    x = {k: torch.cat([p[1][k] for p in pairs]) for k in pairs[0][1]}
+    masks = [p[2] if p[2] is not None else torch.zeros(1, dtype=torch.bool) for p in pairs]
+    invalid = torch.cat(masks) if any(p[2] is not None for p in pairs) else None
+    return z, x, invalid
+
+
+def _concatenated(chunks, limit):
     return {
-        "latents": {k: torch.cat(v)[:num_simulations] for k, v in latents.items()},
-        "observations": {k: torch.cat(v)[:num_simulations] for k, v in sims.items()},
-        "num_invalid": num_invalid,
+        part: {k: torch.cat([c[i][k] for c in chunks])[:limit] for k in chunks[0][i]}
+        for i, part in enumerate(("latents", "observations"))
     }
+
+
+def _stopped(error, cls, chunk, kept, num_simulations, chunks, num_invalid):
+    if isinstance(error, JointContrastiveError) and error.args:
+        # Pyro appends the trace's shapes to errors raised inside a model: leave them out.
+        message = str(error.args[0]).split("\nTrace Shapes:")[0]
+    else:
+        message = f"{type(error).__name__}: {error}"
+    kept_note = (
+        f"The {kept} simulations finished before it are kept in this error's `simulations` "
+        "attribute, a bank for SimulationBank or ForwardKL(simulations=...)."
+        if kept
+        else "No simulation had finished before it."
+    )
+    stopped = cls(
+        f"simulate stopped in chunk {chunk} (after {kept} of {num_simulations} simulations): "
+        f"{message}\n{kept_note}"
+    )
+    stopped.simulations = (
+        {**_concatenated(chunks, num_simulations), "num_invalid": num_invalid} if kept else None
+    )
+    return stopped
+
+
+@contextmanager
+def _seeded(seed):
+    """Run under ``pyro.set_rng_seed(seed)`` (torch, numpy and Python), then restore the
+    random state, CUDA's included when it is in use."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    state = pyro.util.get_rng_state()
+    with torch.random.fork_rng(devices=devices):
+        pyro.set_rng_seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            pyro.util.set_rng_state(state)
 
 
 class SimulationBank(Dataset):

@@ -1,6 +1,7 @@
 """Bad input gets a clear, early error naming the argument and the remedy."""
 
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -21,8 +22,10 @@ from pyro_jc import (
     JointContrastiveMeanFieldELBO,
     NonFiniteError,
     ObservationTypeError,
+    PlateShapeError,
     SimulatorError,
     UnsampleableSiteError,
+    VectorizationWarning,
     simulate,
 )
 from pyro_jc.diagnostics import c2st, posterior_predictive_check, sbc
@@ -320,8 +323,58 @@ def test_standardization_is_relative_to_the_data_scale():
     assert torch.allclose(y.mean(0), torch.zeros(2), atol=1e-4)
     assert torch.allclose(y.std(0), torch.ones(2), atol=1e-4)
     constant = torch.cat([x[:, :1], torch.full((1000, 1), 5.0)], -1)
-    s.fit(constant)
+    with pytest.warns(UserWarning, match=r"1 of 2 features are constant .*feature 1\)"):
+        s.fit(constant)
     assert s.std[1] == 1.0  # a constant column keeps unit scale
+
+
+def test_a_guide_input_that_never_varies_is_named():
+    """A constant column was divided by silently (c2st) or kept without a word."""
+
+    def model(x, flag):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+        pyro.sample("flag", dist.Delta(torch.ones(())), obs=flag)
+
+    loss = ForwardKL(num_particles=32)
+    svi = SVI(model, AutoAmortizedNormal(model), pyro.optim.Adam({"lr": 1e-2}), loss)
+    with pytest.warns(UserWarning, match=r"observations of \['flag', 'x'\].*1 of 2 features"):
+        with warnings.catch_warnings():
+            # 'flag' depends on no latent, which the vectorization warning suspects too.
+            warnings.simplefilter("ignore", VectorizationWarning)
+            svi.step(torch.tensor(0.0), torch.tensor(1.0))
+
+
+def _positive_latent_guide(guide_class):
+    def model(x):
+        z = pyro.sample("z", dist.LogNormal(0.0, 0.5))
+        pyro.sample("x", dist.Normal(z, 0.1), obs=x)
+
+    pyro.set_rng_seed(0)
+    guide = guide_class(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), ForwardKL(num_particles=64))
+    for _ in range(20):
+        svi.step(torch.tensor(1.0))
+    return guide
+
+
+@pytest.mark.parametrize("guide_class", [AutoAmortizedNormal, AutoAmortizedFlow])
+def test_observations_far_outside_the_training_range_are_reported(guide_class):
+    """At x = -20 a LogNormal latent came back as exactly 0.0 or inf without a warning."""
+    guide = _positive_latent_guide(guide_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to report inside the training range
+        guide.sample_posterior(torch.tensor(1.2), num_samples=100)
+    with pytest.warns(UserWarning, match=r"reach [\d.]+ standard deviations .* extrapolating"):
+        guide.sample_posterior(torch.tensor(-20.0), num_samples=100)
+
+
+def test_draws_that_overflow_the_support_are_reported():
+    guide = _positive_latent_guide(AutoAmortizedNormal)
+    guide._extrapolated = True  # the extrapolation warning was given already
+    with pytest.warns(UserWarning, match=r"of the draws of site 'z' overflowed its support"):
+        z = guide.sample_posterior(torch.tensor(-1e6), num_samples=100)["z"]
+    assert bool(((z == 0) | torch.isinf(z)).any())
 
 
 def test_a_complex_simulator_is_refused():
@@ -360,3 +413,147 @@ def test_a_budget_overrun_by_slow_steps_is_reported():
     with pytest.warns(UserWarning, match=r"budget was 0.05 s but training took .*between steps"):
         history = loss.fit(svi, torch.zeros(()), seconds=0.05)
     assert history["steps"] >= 1 and history["seconds"] > 0.1
+
+
+def _failing_simulator_model(on_invalid, vectorized, threshold=1.5, interrupt_at=None):
+    """z ~ N(0, 1); a numpy simulator that raises for z > threshold (or, at call number
+    ``interrupt_at``, raises KeyboardInterrupt as Ctrl-C would)."""
+    calls = [0]
+
+    def simulator(z):
+        calls[0] += 1
+        if interrupt_at is not None and calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        if (np.asarray(z) > threshold).any():
+            raise ValueError(f"no solution for z = {z}")
+        return z + 0.1 * np.random.randn(*np.shape(z))
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        sim = Implicit(simulator, z, numpy=True, vectorized=vectorized, on_invalid=on_invalid)
+        pyro.sample("x", sim, obs=x)
+
+    return model
+
+
+def test_simulate_keeps_the_finished_chunks_when_a_simulator_raises():
+    """The exception escaped simulate() and every draw already made was lost."""
+    pyro.set_rng_seed(0)
+    model = _failing_simulator_model("raise", vectorized=False, threshold=2.5)
+    with pytest.raises(SimulatorError, match=r"draw \d+ of 10 with parameters") as info:
+        simulate(model, torch.zeros(()), num_simulations=2000, batch_size=10)
+    message = str(info.value)
+    assert "simulate stopped in chunk" in message and "ValueError: no solution" in message
+    kept = info.value.simulations
+    num_kept = int(message.split("after ")[1].split(" of")[0])
+    assert num_kept > 0 and num_kept % 10 == 0
+    assert kept["latents"]["z"].shape == (num_kept,)
+    assert bool((kept["latents"]["z"] <= 2.5).all())
+    assert torch.allclose(kept["observations"]["x"], kept["latents"]["z"], atol=0.6)
+
+
+@pytest.mark.parametrize("vectorized", [False, True], ids=["one_by_one", "vectorized"])
+def test_drop_covers_draws_that_raise(vectorized):
+    """on_invalid='drop' dropped non-finite draws only; an exception escaped."""
+    pyro.set_rng_seed(0)
+    model = _failing_simulator_model("drop", vectorized=vectorized)
+    with pytest.warns(UserWarning) as record:
+        bank = simulate(model, torch.zeros(()), num_simulations=1000)
+    z = bank["latents"]["z"]
+    assert z.shape == (1000,) and bool((z <= 1.5).all())
+    # P(z > 1.5) = 0.0668: about 72 of the ~1072 draws raised, within Monte-Carlo error.
+    expected = 1000 * 0.0668 / (1 - 0.0668)
+    assert abs(bank["num_invalid"] - expected) < 5 * math.sqrt(expected)
+    messages = [str(w.message) for w in record]
+    first = [m for m in messages if "raised ValueError for some draws" in m]
+    assert len(first) == 1 and "Traceback" in first[0] and "no solution" in first[0]
+    assert any(f"dropped {bank['num_invalid']} invalid" in m for m in messages)
+
+
+def test_a_simulator_that_raises_for_every_draw_is_an_error_even_with_drop():
+    model = _failing_simulator_model("drop", vectorized=False, threshold=-math.inf)
+    with pytest.raises(SimulatorError, match="every one of the 100 draws"):
+        simulate(model, torch.zeros(()), num_simulations=100)
+
+
+def test_ctrl_c_in_simulate_returns_the_finished_chunks():
+    """Ctrl-C left nothing: one batch of everything, and the exception escaped."""
+    pyro.set_rng_seed(0)
+    model = _failing_simulator_model("raise", vectorized=True, threshold=math.inf, interrupt_at=4)
+    with pytest.warns(UserWarning, match="interrupted: returning the 30 of 1000"):
+        bank = simulate(model, torch.zeros(()), num_simulations=1000, batch_size=10)
+    assert bank["latents"]["z"].shape == (30,) and bank["observations"]["x"].shape == (30,)
+    model = _failing_simulator_model("raise", vectorized=True, threshold=math.inf, interrupt_at=1)
+    with pytest.raises(KeyboardInterrupt):  # nothing finished: nothing to return
+        simulate(model, torch.zeros(()), num_simulations=1000, batch_size=10)
+
+
+def test_simulate_progress_moves_per_chunk(monkeypatch):
+    """The bar stayed at 0/200 until everything was simulated."""
+    import tqdm.auto
+
+    updates = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.n = total, 0
+
+        def update(self, k):
+            self.n += k
+            updates.append(self.n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model = _failing_simulator_model("raise", vectorized=True, threshold=math.inf)
+    simulate(model, torch.zeros(()), num_simulations=20000, progress=True)
+    assert updates == list(range(200, 20001, 200))  # a hundredth of the work per chunk
+
+
+def test_simulate_is_reproducible_per_chunk_size_and_moves_the_global_state():
+    model = _failing_simulator_model("raise", vectorized=True, threshold=math.inf)
+    banks = []
+    for _ in range(2):
+        pyro.set_rng_seed(3)
+        banks.append(simulate(model, torch.zeros(()), num_simulations=300, batch_size=50))
+    banks.append(simulate(model, torch.zeros(()), num_simulations=300, batch_size=50))
+    x = [b["observations"]["x"] for b in banks]
+    assert torch.equal(x[0], x[1]) and not torch.equal(x[1], x[2])
+
+
+def _sums_everything(x):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("x", dist.Normal(z.sum(), 1.0), obs=x)  # sums over the simulations too
+
+
+def _indexes_from_the_left(x):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("x", dist.Normal(z[0] + z[1], 1.0), obs=x)
+
+
+@pytest.mark.parametrize("guide_class", [AutoAmortizedNormal, AutoAmortizedFlow])
+def test_a_model_that_pools_the_simulations_is_reported(guide_class):
+    """``z.sum()`` (over the simulations too) trained silently on pooled simulations."""
+    data = torch.tensor(0.5)
+    loss = ForwardKL(8)
+    svi = SVI(_sums_everything, guide_class(_sums_everything), pyro.optim.Adam({"lr": 1e-2}), loss)
+    with pytest.warns(VectorizationWarning, match=r"'x'.*vectorization-safe.*z.sum\(-1\)"):
+        svi.step(data)
+    with pytest.warns(VectorizationWarning, match="model is the place to fix"):
+        simulate(_sums_everything, data, num_simulations=8)
+    # One simulation per model run is the documented way out for such a model.
+    loss = ForwardKL(4, vectorize_particles=False)
+    svi = SVI(_sums_everything, guide_class(_sums_everything), pyro.optim.Adam({"lr": 1e-2}), loss)
+    assert math.isfinite(svi.step(data))
+
+
+@pytest.mark.parametrize("guide_class", [AutoAmortizedNormal, AutoAmortizedFlow])
+def test_a_model_that_indexes_the_simulations_is_named_as_the_cause(guide_class):
+    """``z[0]`` raised a PlateShapeError telling the user to fix the guide (the autoguide)."""
+    model = _indexes_from_the_left
+    svi = SVI(model, guide_class(model), pyro.optim.Adam({"lr": 1e-2}), ForwardKL(8))
+    with pytest.warns(VectorizationWarning):
+        with pytest.raises(PlateShapeError, match=r"vectorization-safe.*z\[\.\.\., 0\]") as info:
+            svi.step(torch.tensor(0.5))
+    assert "the model is the place to fix" in str(info.value)
