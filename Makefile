@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 # The lowest versions pyproject.toml declares; `make test-lowest` runs the unit tier on them.
 LOWEST := .venv-lowest
-LOWEST_PINS := torch==$(TORCH_VERSION) pyro-ppl==1.9.0 numpy==1.26.4
+LOWEST_PINS := torch==$(TORCH_VERSION) pyro-ppl==1.9.0 numpy==1.26.4 joblib==1.4.0 zuko==1.1.0
 EPOCHS ?= 200
 
 .PHONY: setup demo test quick test-lowest lint format docs benchmark clean
@@ -46,7 +46,7 @@ test: lint docs
 quick: setup
 	$(PY) -m pytest -q -m "not slow"
 
-$(LOWEST)/.installed: pyproject.toml
+$(LOWEST)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q --upgrade pip
 	$(LOWEST)/bin/python -m pip install -q $(LOWEST_PINS) "pytest>=7" "hypothesis>=6"
@@ -54,7 +54,7 @@ $(LOWEST)/.installed: pyproject.toml
 	touch $@
 
 test-lowest: $(LOWEST)/.installed
-	$(LOWEST)/bin/python -c "import pyro, torch, numpy; print('lowest versions: pyro-ppl', pyro.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
+	$(LOWEST)/bin/python -c "import pyro, torch, numpy, joblib, zuko; print('lowest versions: pyro-ppl', pyro.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__, 'joblib', joblib.__version__, 'zuko', zuko.__version__)"
 	$(LOWEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider tests
 
 benchmark: setup

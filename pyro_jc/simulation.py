@@ -32,6 +32,7 @@ def simulate(
     vectorize: bool = True,
     max_plate_nesting: int | None = None,
     progress: bool = False,
+    num_workers: int = 1,
     **kwargs: Any,
 ) -> dict:
     """Simulate a bank of pairs ``(z, x) ~ p(z, x)`` from ``model`` (observed sites released).
@@ -57,6 +58,12 @@ def simulate(
         runs it once per pair (for models with Python control flow on sampled values).
     :param int max_plate_nesting: the model's plate depth (found from one run if omitted).
     :param bool progress: show a tqdm progress bar, advanced after every chunk.
+    :param int num_workers: worker processes drawing chunks in parallel through joblib (the
+        ``parallel`` extra; ``-1``: one per core). The bank is the same as with one worker
+        (each chunk has its own seed, numpy's included). Under ``joblib.parallel_config(
+        backend="dask")`` with a ``dask.distributed`` client open, or Ray's joblib backend,
+        the chunks run on that cluster. The model, its arguments and the param store are
+        pickled to the workers (cloudpickle: closures and numpy simulators are fine).
     :returns: ``{"latents": {site: tensor}, "observations": {site: tensor},
         "num_invalid": int}``; every tensor has the simulations along dim 0 (the layout of
         a plate over simulations at dim ``-max_plate_nesting - 1``). Invalid draws (see
@@ -74,6 +81,10 @@ def simulate(
         batch_size = max(100, math.ceil(num_simulations / 100))
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers == 0:
+        raise ValueError(
+            f"num_workers must be a positive int (or -1 for one per core), got {num_workers!r}."
+        )
     layout = ModelLayout(model, args, kwargs)
     layout.check_observed_shapes()
     if not layout.observed_sites:
@@ -84,33 +95,40 @@ def simulate(
     nesting = layout.plate_nesting if max_plate_nesting is None else max_plate_nesting
     # One draw from the global state seeds every chunk: chunk k's pairs depend only on it.
     base_seed = int(torch.randint(2**62, ()))
-    chunks, num_invalid, kept, attempt = [], 0, 0, 0
+    chunks, num_invalid, kept, attempt = [], 0, 0, 0  # chunks: (index, latents, observations)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_simulations, desc="simulate")
+    runner = _Runner(model, args, kwargs, nesting, vectorize, num_workers)
     try:
         while kept < num_simulations:
-            num = min(batch_size, num_simulations - kept)
+            # A wave of chunks covers what is missing; draws dropped as invalid call for
+            # another. The waves do not depend on the number of workers, nor the seeds.
+            remaining = num_simulations - kept
+            sizes = [min(batch_size, remaining - i) for i in range(0, remaining, batch_size)]
             try:
-                with _seeded(base_seed + attempt):
-                    z, x, invalid = _simulate_chunk(model, args, kwargs, num, nesting, vectorize)
+                # Workers hand chunks back as they finish; the bank keeps the chunks' order.
+                for index, (z, x, invalid) in runner.run(sizes, attempt, base_seed):
+                    if invalid is not None:
+                        num_invalid += int(invalid.sum())
+                        z = {k: v[~invalid] for k, v in z.items()}
+                        x = {k: v[~invalid] for k, v in x.items()}
+                    added = next(iter(x.values())).shape[0]
+                    chunks.append((index, z, x))
+                    kept += added
+                    if bar is not None:
+                        bar.update(min(added, num_simulations - bar.n))
             except Exception as e:
                 # pyro_jc's errors keep their class; anything else the model or simulator
                 # raised becomes a SimulatorError. Either way the finished chunks are kept.
                 cls = type(e) if isinstance(e, JointContrastiveError) else SimulatorError
-                raise _stopped(e, cls, attempt, kept, num_simulations, chunks, num_invalid) from e
-            attempt += 1
-            if invalid is not None:
-                num_invalid += int(invalid.sum())
-                z = {k: v[~invalid] for k, v in z.items()}
-                x = {k: v[~invalid] for k, v in x.items()}
-            added = next(iter(x.values())).shape[0]
-            chunks.append((z, x))
-            kept += added
-            if bar is not None:
-                bar.update(min(added, num_simulations - bar.n))
+                failed = getattr(e, "_pyro_jc_chunk", None)
+                raise _stopped(
+                    e, cls, failed, kept, num_simulations, _ordered(chunks), num_invalid
+                ) from e
+            attempt += len(sizes)
             if num_invalid > 10 * num_simulations:
                 raise NonFiniteError(
                     f"simulate: {num_invalid} invalid simulations for {kept} valid ones; the "
@@ -135,9 +153,54 @@ def simulate(
             UserWarning,
             stacklevel=2,
         )
-    bank = _concatenated(chunks, num_simulations)
+    bank = _concatenated(_ordered(chunks), num_simulations)
     bank["num_invalid"] = num_invalid
     return bank
+
+
+class _Runner:
+    """Runs chunks in this process, or in ``num_workers`` processes through joblib (loky by
+    default; any joblib backend the caller configures, dask's or Ray's for a cluster)."""
+
+    def __init__(self, model, args, kwargs, nesting, vectorize, num_workers):
+        self.job = (model, args, kwargs, nesting, vectorize)
+        self.num_workers = num_workers
+
+    def run(self, sizes, first, base_seed):
+        """Yield ``(chunk index, result)`` for chunks ``first, first + 1, ...`` of the given
+        sizes: in order in this process, as they finish in workers."""
+        chunks = [(first + i, n) for i, n in enumerate(sizes)]
+        if self.num_workers == 1:
+            return (_run_chunk(*self.job, n, k, base_seed) for k, n in chunks)
+        from joblib import Parallel, delayed
+
+        # Workers start with an empty param store: they get this one's (a model's
+        # pyro.param values, e.g. a learned simulator parameter).
+        params = pyro.get_param_store().get_state() if pyro.get_param_store() else None
+        parallel = Parallel(n_jobs=self.num_workers, return_as="generator_unordered")
+        task = delayed(_run_chunk_in_worker)
+        return parallel(task(*self.job, n, k, base_seed, params) for k, n in chunks)
+
+
+def _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed):
+    try:
+        with _seeded(base_seed + chunk):
+            return chunk, _simulate_chunk(model, args, kwargs, num, nesting, vectorize)
+    except Exception as e:
+        e._pyro_jc_chunk = chunk  # for the error that keeps the finished chunks
+        raise
+
+
+def _run_chunk_in_worker(model, args, kwargs, nesting, vectorize, num, chunk, base_seed, params):
+    # One torch thread per worker: the workers are the parallelism.
+    torch.set_num_threads(1)
+    if params is not None:
+        pyro.get_param_store().set_state(params)
+    return _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed)
+
+
+def _ordered(chunks):
+    return [(z, x) for _, z, x in sorted(chunks, key=lambda c: c[0])]
 
 
 def _simulate_chunk(model, args, kwargs, num, nesting, vectorize):
@@ -170,8 +233,9 @@ def _stopped(error, cls, chunk, kept, num_simulations, chunks, num_invalid):
         if kept
         else "No simulation had finished before it."
     )
+    where = f"in chunk {chunk}" if chunk is not None else "in a chunk"
     stopped = cls(
-        f"simulate stopped in chunk {chunk} (after {kept} of {num_simulations} simulations): "
+        f"simulate stopped {where} (after {kept} of {num_simulations} simulations): "
         f"{message}\n{kept_note}"
     )
     stopped.simulations = (

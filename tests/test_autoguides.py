@@ -7,7 +7,6 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from exact import LinearGaussian
 from pyro.infer import SVI, Predictive
 
 from pyro_jc import (
@@ -18,6 +17,7 @@ from pyro_jc import (
     UnsupportedModelError,
 )
 from pyro_jc.nn import DeepSet
+from pyro_jc.testing import LinearGaussianModel
 from pyro_jc.transforms import SoftIntervalTransform, UnitBoxToInterval
 
 GUIDES = {
@@ -238,20 +238,20 @@ def test_density_integrates_to_one_on_a_bounded_support(transform, interval):
 @pytest.mark.slow
 def test_forward_kl_flow_recovers_correlated_posterior():
     torch.manual_seed(0)
-    lg = LinearGaussian.random(d=2, m=2, sigma=0.3, dtype=torch.float32)
+    lg = LinearGaussianModel.random(2, 2, sigma=0.3, dtype=torch.float32)
     lg.A = torch.tensor([[1.0, 1.0], [0.0, 0.3]])  # strongly correlated posterior
 
     def model(x):
         z = pyro.sample("z", lg.prior(x))
         pyro.sample("x", dist.Normal(z @ lg.A.T + lg.b, lg.sigma).to_event(1), obs=x)
 
-    x_obs = lg.sample(1, seed=2)[0]
+    x_obs = lg.sample_data(2, 1)[0]
     guide = AutoAmortizedFlow(model, num_transforms=3)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 2e-3}), ForwardKL(num_particles=256))
     for _ in range(1500):
         svi.step(x_obs)
-    x_test = lg.sample(3, seed=5)
-    mean, cov = lg.posterior(x_test)
+    x_test = lg.sample_data(5, 3)
+    mean, cov = lg.posterior_moments(x_test)
     z = guide.sample_posterior(x_test, num_samples=4000)["z"]
     assert z.shape == (4000, 3, 2)
     sd = cov.diagonal().sqrt()
@@ -454,7 +454,7 @@ def test_a_zuko_flow_scores_its_own_draws_and_replayed_values_alike():
 @pytest.mark.slow
 def test_a_zuko_flow_trained_with_forward_kl_recovers_a_correlated_posterior():
     pyro.set_rng_seed(0)
-    lg = LinearGaussian.random(d=2, m=3, sigma=0.5, dtype=torch.float32)
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, dtype=torch.float32)
 
     def model(x):
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -462,10 +462,10 @@ def test_a_zuko_flow_trained_with_forward_kl_recovers_a_correlated_posterior():
 
     guide = AutoAmortizedFlow(model, flow=_zuko_builder())
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 3e-3}), ForwardKL(num_particles=256))
-    x = lg.sample(1, seed=3)[0]
+    x = lg.sample_data(3, 1)[0]
     for _ in range(800):
         svi.step(x)
-    mean, cov = lg.posterior(x.unsqueeze(0))
+    mean, cov = lg.posterior_moments(x.unsqueeze(0))
     z = guide.sample_posterior(x, num_samples=20000)["z"]
     sd = cov.diagonal().sqrt()
     # The built-in flows' bounds (test_forward_kl_flow_recovers_correlated_posterior): the

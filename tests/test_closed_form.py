@@ -7,9 +7,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian, mean_and_se
+from helpers import mean_and_se
 
 from pyro_jc import JointContrastiveELBO, JointContrastiveIWELBO, JointContrastiveMeanFieldELBO
+from pyro_jc.testing import LinearGaussianModel
 
 N, D, M = 6, 2, 3
 
@@ -45,8 +46,8 @@ ELBOS = {
 
 @pytest.mark.parametrize("name", ELBOS)
 def test_loss_and_gradient_match_closed_form(name, device, dtype):
-    lg = LinearGaussian.random(D, M, device=device, dtype=dtype)
-    x = lg.sample(N)
+    lg = LinearGaussianModel.random(D, M, device=device, dtype=dtype)
+    x = lg.sample_data(0, N)
     guide, m, L = fixed_guide(device, dtype)
     repeats = 40 if name != "iw_k1" else 400
     (loss, loss_se), (grad, grad_se) = mc_loss_and_grads(
@@ -54,7 +55,7 @@ def test_loss_and_gradient_match_closed_form(name, device, dtype):
     )
 
     m64, L64 = m.detach().double().requires_grad_(), L.detach().double().requires_grad_()
-    lg64 = LinearGaussian(lg.A.double(), lg.b.double(), lg.sigma)
+    lg64 = LinearGaussianModel(lg.A.double(), lg.b.double(), lg.sigma, N)
     exact_loss = -lg64.elbo(x.double(), m64, L64.tril() @ L64.tril().T).sum()
     exact_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(exact_loss, [m64, L64])])
     tol = 4 * loss_se + (1e-3 if dtype == torch.float32 else 1e-9) * abs(exact_loss.item())
@@ -64,8 +65,8 @@ def test_loss_and_gradient_match_closed_form(name, device, dtype):
 
 
 def test_mean_field_has_lower_variance(device):
-    lg = LinearGaussian.random(D, M, device=device)
-    x = lg.sample(N)
+    lg = LinearGaussianModel.random(D, M, device=device)
+    x = lg.sample_data(0, N)
     guide, m, L = fixed_guide(device, torch.float64)
     _, (_, se_mc) = mc_loss_and_grads(ELBOS["elbo"](), lg.model, guide, x, [m, L], 20)
     _, (_, se_mf) = mc_loss_and_grads(ELBOS["mean_field"](), lg.model, guide, x, [m, L], 20)
@@ -73,8 +74,8 @@ def test_mean_field_has_lower_variance(device):
 
 
 def test_iw_bound_increases_with_k_toward_log_evidence(device):
-    lg = LinearGaussian.random(D, M, device=device)
-    x = lg.sample(N)
+    lg = LinearGaussianModel.random(D, M, device=device)
+    x = lg.sample_data(0, N)
     guide, m, L = fixed_guide(device, torch.float64)
     log_px = lg.log_evidence(x).sum().item()
     exact_elbo = lg.elbo(x, m.detach(), (L @ L.T).detach()).sum().item()
@@ -93,9 +94,9 @@ def test_iw_bound_increases_with_k_toward_log_evidence(device):
 
 
 def test_log_evidence_is_per_datapoint(device):
-    lg = LinearGaussian.random(D, M, device=device)
-    x = lg.sample(N)
-    mean, cov = lg.posterior(x)
+    lg = LinearGaussianModel.random(D, M, device=device)
+    x = lg.sample_data(0, N)
+    mean, cov = lg.posterior_moments(x)
     # An overdispersed posterior as proposal: bounded weights, small bias.
     scale_tril = torch.linalg.cholesky(1.5 * cov)
 
@@ -113,8 +114,8 @@ def test_log_evidence_is_per_datapoint(device):
 
 @pytest.mark.parametrize("cls", [JointContrastiveELBO, JointContrastiveMeanFieldELBO])
 def test_reconstruction_and_rate_match_closed_form(cls, device):
-    lg = LinearGaussian.random(D, M, device=device)
-    x = lg.sample(N)
+    lg = LinearGaussianModel.random(D, M, device=device)
+    x = lg.sample_data(0, N)
     guide, m, L = fixed_guide(device, torch.float64)
     elbo = cls(num_particles=64, vectorize_particles=True, data_entropy=1.5)
     recon, rate, joint_kl = [], [], []
@@ -137,9 +138,9 @@ def test_reconstruction_and_rate_match_closed_form(cls, device):
 def test_information_terms_match_closed_form(device):
     """Amortized linear guide q(z|x) = N(Mx + c, S) on a large batch of evidence samples:
     I(x; z) and KL[q(z) || p(z)] have closed forms for x ~ N(b, C)."""
-    lg = LinearGaussian.random(D, M, device=device)
+    lg = LinearGaussianModel.random(D, M, device=device)
     n = 4000
-    x = lg.sample(n, seed=3)
+    x = lg.sample_data(3, n)
     gen = torch.Generator().manual_seed(2)
     Mx = (0.5 * torch.randn(D, M, generator=gen, dtype=torch.float64)).to(device)
     c = torch.tensor([0.3, -0.2], dtype=torch.float64, device=device)

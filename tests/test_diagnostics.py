@@ -5,15 +5,15 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian
 
 from pyro_jc import AutoAmortizedFlow
 from pyro_jc.diagnostics import c2st, posterior_predictive_check, sbc
 from pyro_jc.diagnostics.sbc import _summarize
+from pyro_jc.testing import LinearGaussianModel
 
 
 def linear_gaussian(device=None):
-    lg = LinearGaussian.random(d=2, m=3, sigma=0.5, dtype=torch.float32, device=device or "cpu")
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, dtype=torch.float32, device=device or "cpu")
 
     def model(x):
         with pyro.plate("data", x.shape[-2]):
@@ -22,7 +22,7 @@ def linear_gaussian(device=None):
 
     def exact_guide(scale=1.0):
         def guide(x):
-            mean, cov = lg.posterior(x)
+            mean, cov = lg.posterior_moments(x)
             tril = scale * torch.linalg.cholesky(cov)
             with pyro.plate("data", x.shape[-2]):
                 pyro.sample("z", dist.MultivariateNormal(mean, scale_tril=tril))

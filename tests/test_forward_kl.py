@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian, mean_and_se
+from helpers import mean_and_se
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import SVI
@@ -23,6 +23,7 @@ from pyro_jc import (
     optim,
     simulate,
 )
+from pyro_jc.testing import LinearGaussianModel
 
 
 class LinearGuide(torch.nn.Module):
@@ -54,20 +55,20 @@ def exact_forward_kl(lg, guide):
     """-E_p[log q(z|x)] and its gradients for the linear guide, in closed form."""
     W, c, log_s = guide.W, guide.c, guide.log_s
     A, b, sigma = lg.A, lg.b, lg.sigma
-    eye = torch.eye(lg.d, dtype=A.dtype, device=A.device)
+    eye = torch.eye(lg.latent_dim, dtype=A.dtype, device=A.device)
     # r = z - W x - c = (I - W A) z - sigma W eps - (W b + c)
     mean_r = -(W @ b + c)
     second = (eye - W @ A) @ (eye - W @ A).T + sigma**2 * W @ W.T + torch.outer(mean_r, mean_r)
     s2 = (2 * log_s).exp()
-    value = (second.diagonal() / (2 * s2) + log_s).sum() + lg.d / 2 * math.log(2 * math.pi)
+    value = (second.diagonal() / (2 * s2) + log_s).sum() + lg.latent_dim / 2 * math.log(2 * math.pi)
     return value, torch.autograd.grad(value, [W, c, log_s])
 
 
 def test_gradient_matches_closed_form(device):
-    lg = LinearGaussian.random(d=2, m=3, sigma=0.7, device=device)
+    lg = LinearGaussianModel.random(2, 3, sigma=0.7, device=device)
     guide = LinearGuide(2, 3, device=device)
     model = single_model(lg)
-    x = lg.sample(1)[0]
+    x = lg.sample_data(0, 1)[0]
     exact_value, exact_grads = exact_forward_kl(lg, guide)
     loss = ForwardKL(num_particles=2000, clip_norm=None)
     values, grads = [], []
@@ -86,16 +87,16 @@ def test_gradient_matches_closed_form(device):
 
 @pytest.mark.slow
 def test_trained_guide_recovers_linear_gaussian_posterior(device):
-    lg = LinearGaussian.random(d=2, m=3, sigma=0.5, device=device)
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, device=device)
     guide = LinearGuide(2, 3, device=device)
     model = single_model(lg)
-    x_obs = lg.sample(1, seed=3)[0]
+    x_obs = lg.sample_data(3, 1)[0]
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), ForwardKL(num_particles=256))
     for _ in range(1500):
         svi.step(x_obs)
     # Forward KL with a diagonal guide matches the posterior marginals.
-    x_test = lg.sample(20, seed=4)
-    mean, cov = lg.posterior(x_test)
+    x_test = lg.sample_data(4, 20)
+    mean, cov = lg.posterior_moments(x_test)
     sd = cov.diagonal().sqrt()
     with torch.no_grad():
         loc = x_test @ guide.W.T + guide.c
@@ -163,10 +164,10 @@ def test_implicit_prior_is_never_scored():
 
 
 def test_sequential_particles_agree_with_vectorized():
-    lg = LinearGaussian.random(d=2, m=3, device="cpu")
+    lg = LinearGaussianModel.random(2, 3, device="cpu")
     guide = LinearGuide(2, 3)
     model = single_model(lg)
-    x = lg.sample(1)[0]
+    x = lg.sample_data(0, 1)[0]
     exact, _ = exact_forward_kl(lg, guide)
     value = ForwardKL(num_particles=3000, vectorize_particles=False).loss(model, guide, x)
     assert value == pytest.approx(exact.item(), abs=0.15)
@@ -617,9 +618,9 @@ class ParamStatements(pyro.poutine.messenger.Messenger):
 def test_guide_parameters_reach_svi_once_each():
     """ForwardKL states the guide's params outside its own handlers (one param site per
     tensor, under pyro.module's names), so SVI still captures and optimizes all of them."""
-    lg = LinearGaussian.random(d=2, m=3, sigma=0.5, dtype=torch.float32)
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, dtype=torch.float32)
     model = single_model(lg)
-    x = lg.sample(1, seed=0)[0]
+    x = lg.sample_data(0, 1)[0]
     loss = ForwardKL(num_particles=16)
     for guide in (LinearGuide(2, 3, dtype=torch.float32), AutoAmortizedFlow(model)):
         pyro.clear_param_store()

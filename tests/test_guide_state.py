@@ -10,11 +10,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian, mean_and_se
+from helpers import mean_and_se
 from pyro.infer import SVI
 
 from pyro_jc import AutoAmortizedFlow, AutoAmortizedNormal, ForwardKL, JointContrastiveELBO
-from pyro_jc.testing import BetaBernoulliModel
+from pyro_jc.testing import BetaBernoulliModel, LinearGaussianModel
 
 PROBLEM = BetaBernoulliModel(2.0, 3.0, num_data=20, seed=0)
 
@@ -138,7 +138,7 @@ def _exact_normal_guide(lg, x):
     embedding and head are set to the exact posterior N(c A'(x - b) / sigma^2, c)."""
     guide = AutoAmortizedNormal(lg.model, embedding=torch.nn.Identity(), init_scale=0.5)
     guide(x)  # set up (fits the observation standardization from x)
-    mean, cov = lg.posterior(x)
+    mean, cov = lg.posterior_moments(x)
     c = cov.item()
     with torch.no_grad():
         m, s = guide.obs_standardize.mean, guide.obs_standardize.std
@@ -151,8 +151,8 @@ def _exact_normal_guide(lg, x):
 
 
 def test_log_prob_median_and_quantiles_are_exact(device):
-    lg = LinearGaussian.random(1, 3, device=device)
-    x = lg.sample(50, seed=1)
+    lg = LinearGaussianModel.random(1, 3, device=device)
+    x = lg.sample_data(1, 50)
     guide, mean, c = _exact_normal_guide(lg, x)
     z = torch.randn(7, 50, 1, dtype=x.dtype, device=device)
     exact = dist.Normal(mean, math.sqrt(c)).log_prob(z).sum((-2, -1))
@@ -188,8 +188,8 @@ def test_mutual_information_with_an_amortized_guide_matches_the_closed_form():
     """I(x; z) of the exact posterior of a one-dimensional linear-Gaussian latent is
     -log(c) / 2, c the posterior variance. Before, the guide's site scored every pair
     (z_i, x_j) with the density of its own (z_j, x_j), so the estimate read 0."""
-    lg = LinearGaussian.random(1, 3)
-    x = lg.sample(4000, seed=3)
+    lg = LinearGaussianModel.random(1, 3)
+    x = lg.sample_data(3, 4000)
     guide, _, c = _exact_normal_guide(lg, x)
     elbo = JointContrastiveELBO(estimate_information=True)
     estimates = []

@@ -4,15 +4,15 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian
 
 from pyro_jc.joints import find_data_plate, model_joint_trace, num_datapoints
+from pyro_jc.testing import LinearGaussianModel
 
 
 def test_model_joint_draws_from_the_evidence(device):
     """x ~ p(x) = N(b, A A^T + sigma^2 I): simulated observations replace the data."""
-    lg = LinearGaussian.random(2, 3, device=device)
-    x = lg.sample(4)
+    lg = LinearGaussianModel.random(2, 3, device=device)
+    x = lg.sample_data(0, 4)
     trace = model_joint_trace(lg.model, (x,), {}, num_samples=5000, max_plate_nesting=1)
     site = trace.nodes["x"]
     assert site["value"].shape == (5000, 4, 3)
@@ -24,9 +24,9 @@ def test_model_joint_draws_from_the_evidence(device):
 
 
 def test_model_joint_needs_plate_nesting():
-    lg = LinearGaussian.random(1, 1)
+    lg = LinearGaussianModel.random(1, 1)
     with pytest.raises(ValueError, match="max_plate_nesting"):
-        model_joint_trace(lg.model, (lg.sample(2),), {}, num_samples=3)
+        model_joint_trace(lg.model, (lg.sample_data(0, 2),), {}, num_samples=3)
 
 
 def test_data_plate_is_outermost_shared_by_observations():

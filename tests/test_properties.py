@@ -7,11 +7,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian, mean_and_se
+from helpers import mean_and_se
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyro_jc import JointContrastiveELBO, JointContrastiveIWELBO, JointContrastiveMeanFieldELBO
+from pyro_jc.testing import LinearGaussianModel
 
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -23,8 +24,8 @@ def problems(draw):
     n = draw(st.integers(2, 8))
     batch = draw(st.integers(2, n))
     seed = draw(st.integers(0, 2**16))
-    lg = LinearGaussian.random(d, m, sigma=draw(st.floats(0.3, 2.0)), seed=seed)
-    x = lg.sample(n, seed=seed)
+    lg = LinearGaussianModel.random(d, m, sigma=draw(st.floats(0.3, 2.0)), seed=seed)
+    x = lg.sample_data(seed, n)
     g = torch.Generator().manual_seed(seed)
     loc = torch.randn(n, d, generator=g, dtype=torch.float64)
     scale = 0.2 + torch.rand(d, generator=g, dtype=torch.float64)

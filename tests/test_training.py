@@ -4,13 +4,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact import LinearGaussian
 from pyro.infer import SVI
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
 from pyro_jc import JointContrastiveELBO, JointContrastiveIWELBO, JointContrastiveMeanFieldELBO
+from pyro_jc.testing import LinearGaussianModel
 
 
 def train(model, guide, loss, args, steps, lr=0.02, final_lr=0.002):
@@ -45,12 +45,12 @@ class AmortizedGaussianGuide(PyroModule):
     ids=["elbo", "mean_field", "iw"],
 )
 def test_amortized_mlp_recovers_linear_gaussian_posterior(loss, device, request):
-    lg = LinearGaussian.random(2, 3, sigma=0.5, device=device, dtype=torch.float32)
-    x_train, x_test = lg.sample(1024, seed=1), lg.sample(256, seed=2)
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, device=device, dtype=torch.float32)
+    x_train, x_test = lg.sample_data(1, 1024), lg.sample_data(2, 256)
     guide = AmortizedGaussianGuide(3, 2).to(device)
     train(lg.model, guide, loss, (x_train, 256), steps=1500)
 
-    mean, cov = lg.posterior(x_test)
+    mean, cov = lg.posterior_moments(x_test)
     with torch.no_grad():
         guide_mean = guide.net(x_test)
         guide_cov = guide.scale_tril @ guide.scale_tril.T
@@ -68,8 +68,8 @@ def test_amortized_mlp_recovers_linear_gaussian_posterior(loss, device, request)
 @pytest.mark.slow
 def test_model_parameter_learned_jointly(device):
     """Learning the offset ``b`` of the linear-Gaussian: the MLE is the data mean."""
-    lg = LinearGaussian.random(2, 3, sigma=0.5, device=device, dtype=torch.float32)
-    x = lg.sample(512, seed=4)
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, device=device, dtype=torch.float32)
+    x = lg.sample_data(4, 512)
 
     def model(x):
         b = pyro.param("b", torch.zeros(3, device=device))

@@ -9,6 +9,7 @@ from .models import (
     ExactModel,
     GammaPoissonModel,
     LinearGaussianModel,
+    gaussian_kl,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "LinearGaussianModel",
     "assert_calibrated",
     "assert_posterior_moments_close",
+    "gaussian_kl",
 ]

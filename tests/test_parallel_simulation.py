@@ -1,0 +1,81 @@
+"""simulate in worker processes (joblib): the same bank as in one process, failures that
+keep the finished chunks, the param store shipped to the workers."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_jc import Implicit, SimulatorError, simulate
+
+pytest.importorskip("joblib")
+
+
+def numpy_model(threshold=math.inf, on_invalid="drop"):
+    """A numpy simulator, one draw per call, that raises for theta > threshold."""
+
+    def simulator(theta):
+        if theta > threshold:
+            raise ValueError(f"no solution at {theta}")
+        return theta + np.random.randn(2)
+
+    def model(x):
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        sim = Implicit(
+            simulator, theta, event_shape=(2,), vectorized=False, numpy=True, on_invalid=on_invalid
+        )
+        pyro.sample("x", sim, obs=x)
+
+    return model
+
+
+def test_workers_give_the_bank_of_one_process():
+    """Each chunk has its own seed (torch's and numpy's): the bank does not depend on the
+    number of workers, draws dropped as invalid included."""
+    model = numpy_model(threshold=1.0)  # about 16% of the draws raise and are dropped
+    banks = []
+    for workers in (1, 2):
+        pyro.set_rng_seed(0)
+        with pytest.warns(UserWarning, match="dropped"):
+            banks.append(
+                simulate(
+                    model, torch.zeros(2), num_simulations=300, batch_size=40, num_workers=workers
+                )
+            )
+    one, two = banks
+    assert one["num_invalid"] == two["num_invalid"] > 0
+    for part in ("latents", "observations"):
+        for name in one[part]:
+            assert torch.equal(one[part][name], two[part][name])
+    assert one["latents"]["theta"].shape == (300,) and bool((one["latents"]["theta"] <= 1).all())
+
+
+def test_a_worker_failure_keeps_the_finished_chunks():
+    model = numpy_model(threshold=3.0, on_invalid="raise")  # 6.5% of chunks of 50 fail
+    pyro.set_rng_seed(1)
+    with pytest.raises(SimulatorError, match=r"stopped in chunk \d+ .*no solution") as info:
+        simulate(model, torch.zeros(2), num_simulations=4000, batch_size=50, num_workers=2)
+    kept = info.value.simulations
+    assert kept is not None and kept["latents"]["theta"].shape[0] % 50 == 0
+    assert bool((kept["latents"]["theta"] <= 3.0).all())
+
+
+def test_workers_see_the_param_store():
+    def model(x):
+        shift = pyro.param("shift", torch.tensor(0.0))
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(theta + shift, 0.01), obs=x)
+
+    pyro.param("shift", torch.tensor(100.0))
+    bank = simulate(model, torch.zeros(()), num_simulations=20, batch_size=10, num_workers=2)
+    assert torch.allclose(
+        bank["observations"]["x"] - bank["latents"]["theta"], torch.full((20,), 100.0), atol=0.1
+    )
+
+
+def test_num_workers_is_checked():
+    with pytest.raises(ValueError, match="num_workers"):
+        simulate(numpy_model(), torch.zeros(2), num_simulations=10, num_workers=0)
