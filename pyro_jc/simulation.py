@@ -7,6 +7,7 @@ read banks as any torch dataset.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from .errors import JointContrastiveError, NonFiniteError, SimulatorError
 from .joints import model_joint_pairs
 from .layout import ModelLayout
+from .store import BankStore
 
 __all__ = ["SimulationBank", "batches", "simulate"]
 
@@ -33,6 +35,7 @@ def simulate(
     max_plate_nesting: int | None = None,
     progress: bool = False,
     num_workers: int = 1,
+    path: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> dict:
     """Simulate a bank of pairs ``(z, x) ~ p(z, x)`` from ``model`` (observed sites released).
@@ -64,6 +67,12 @@ def simulate(
         backend="dask")`` with a ``dask.distributed`` client open, or Ray's joblib backend,
         the chunks run on that cluster. The model, its arguments and the param store are
         pickled to the workers (cloudpickle: closures and numpy simulators are fine).
+    :param path: a directory to keep the bank in (a :class:`~pyro_jc.store.BankStore`):
+        every chunk is written as soon as it is drawn, all of ``batch_size`` pairs, so a
+        second call with the same path draws only what is missing, after Ctrl-C, a crash or
+        a failure, or to grow the bank (a larger ``num_simulations``), and gives the bank an
+        uninterrupted run would have. The store must belong to this model and these
+        arguments' shapes (checked); its seed and chunk size are its own.
     :returns: ``{"latents": {site: tensor}, "observations": {site: tensor},
         "num_invalid": int}``; every tensor has the simulations along dim 0 (the layout of
         a plate over simulations at dim ``-max_plate_nesting - 1``). Invalid draws (see
@@ -77,9 +86,9 @@ def simulate(
         raise TypeError(f"num_simulations must be an int, got {num_simulations!r}.")
     if num_simulations < 1:
         raise ValueError(f"num_simulations must be positive, got {num_simulations}.")
-    if batch_size is None:
-        batch_size = max(100, math.ceil(num_simulations / 100))
-    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers == 0:
         raise ValueError(
@@ -93,30 +102,41 @@ def simulate(
             "pyro.sample(name, dist, obs=data) so that it knows what to simulate."
         )
     nesting = layout.plate_nesting if max_plate_nesting is None else max_plate_nesting
-    # One draw from the global state seeds every chunk: chunk k's pairs depend only on it.
-    base_seed = int(torch.randint(2**62, ()))
-    chunks, num_invalid, kept, attempt = [], 0, 0, 0  # chunks: (index, latents, observations)
+    store = _store(path, layout, batch_size, num_simulations) if path is not None else None
+    if store is not None:
+        batch_size, base_seed = store.batch_size, store.base_seed
+    else:
+        batch_size = batch_size or max(100, math.ceil(num_simulations / 100))
+        # One draw from the global state seeds every chunk: chunk k depends only on it.
+        base_seed = int(torch.randint(2**62, ()))
+    # Finished chunks: (index, latents, observations) in memory, or in the store.
+    chunks, num_invalid, attempt = [], 0, 0
+    kept = store.num_simulations if store is not None else 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_simulations, desc="simulate")
+        bar = tqdm(total=num_simulations, initial=min(kept, num_simulations), desc="simulate")
     runner = _Runner(model, args, kwargs, nesting, vectorize, num_workers)
     try:
         while kept < num_simulations:
             # A wave of chunks covers what is missing; draws dropped as invalid call for
-            # another. The waves do not depend on the number of workers, nor the seeds.
-            remaining = num_simulations - kept
-            sizes = [min(batch_size, remaining - i) for i in range(0, remaining, batch_size)]
+            # another. The waves depend neither on the number of workers nor on the seeds.
+            plan = _plan(num_simulations - kept, batch_size, attempt, store)
             try:
                 # Workers hand chunks back as they finish; the bank keeps the chunks' order.
-                for index, (z, x, invalid) in runner.run(sizes, attempt, base_seed):
+                for index, (z, x, invalid) in runner.run(plan, base_seed):
+                    dropped = 0
                     if invalid is not None:
-                        num_invalid += int(invalid.sum())
+                        dropped = int(invalid.sum())
                         z = {k: v[~invalid] for k, v in z.items()}
                         x = {k: v[~invalid] for k, v in x.items()}
+                    num_invalid += dropped
+                    if store is not None:
+                        store.write_chunk(index, z, x, dropped)
+                    else:
+                        chunks.append((index, z, x))
                     added = next(iter(x.values())).shape[0]
-                    chunks.append((index, z, x))
                     kept += added
                     if bar is not None:
                         bar.update(min(added, num_simulations - bar.n))
@@ -125,10 +145,9 @@ def simulate(
                 # raised becomes a SimulatorError. Either way the finished chunks are kept.
                 cls = type(e) if isinstance(e, JointContrastiveError) else SimulatorError
                 failed = getattr(e, "_pyro_jc_chunk", None)
-                raise _stopped(
-                    e, cls, failed, kept, num_simulations, _ordered(chunks), num_invalid
-                ) from e
-            attempt += len(sizes)
+                done = _finished(chunks, store, num_simulations, num_invalid)
+                raise _stopped(e, cls, failed, kept, num_simulations, done, path) from e
+            attempt += len(plan)
             if num_invalid > 10 * num_simulations:
                 raise NonFiniteError(
                     f"simulate: {num_invalid} invalid simulations for {kept} valid ones; the "
@@ -137,9 +156,10 @@ def simulate(
     except KeyboardInterrupt:
         if not kept:
             raise
+        resume = f" (the store at {path} keeps them: call again to complete it)" if path else ""
         warnings.warn(
             f"simulate was interrupted: returning the {min(kept, num_simulations)} of "
-            f"{num_simulations} simulations finished.",
+            f"{num_simulations} simulations finished{resume}.",
             UserWarning,
             stacklevel=2,
         )
@@ -153,9 +173,7 @@ def simulate(
             UserWarning,
             stacklevel=2,
         )
-    bank = _concatenated(_ordered(chunks), num_simulations)
-    bank["num_invalid"] = num_invalid
-    return bank
+    return _finished(chunks, store, num_simulations, num_invalid)
 
 
 class _Runner:
@@ -166,10 +184,9 @@ class _Runner:
         self.job = (model, args, kwargs, nesting, vectorize)
         self.num_workers = num_workers
 
-    def run(self, sizes, first, base_seed):
-        """Yield ``(chunk index, result)`` for chunks ``first, first + 1, ...`` of the given
-        sizes: in order in this process, as they finish in workers."""
-        chunks = [(first + i, n) for i, n in enumerate(sizes)]
+    def run(self, chunks, base_seed):
+        """Yield ``(chunk index, result)`` for the ``(index, size)`` pairs of ``chunks``: in
+        order in this process, as they finish in workers."""
         if self.num_workers == 1:
             return (_run_chunk(*self.job, n, k, base_seed) for k, n in chunks)
         from joblib import Parallel, delayed
@@ -199,8 +216,47 @@ def _run_chunk_in_worker(model, args, kwargs, nesting, vectorize, num, chunk, ba
     return _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed)
 
 
-def _ordered(chunks):
-    return [(z, x) for _, z, x in sorted(chunks, key=lambda c: c[0])]
+def _plan(missing, batch_size, first, store):
+    """``(index, size)`` of the chunks that draw ``missing`` more pairs: consecutive
+    indices from ``first``, the last one smaller, in memory; in a store, every chunk full
+    (chunk ``k`` is then the same in any run) and the lowest indices not yet written."""
+    count = math.ceil(missing / batch_size)
+    if store is None:
+        return [(first + i, min(batch_size, missing - i * batch_size)) for i in range(count)]
+    done, plan, index = store.chunks, [], 0
+    while len(plan) < count:
+        if index not in done:
+            plan.append((index, batch_size))
+        index += 1
+    return plan
+
+
+def _store(path, layout, batch_size, num_simulations):
+    sites = {
+        part: {name: _trimmed(layout.site(name)["fn"].shape()) for name in names}
+        for part, names in (
+            ("latents", layout.latent_sites),
+            ("observations", layout.observed_sites),
+        )
+    }
+    if BankStore.exists(path):
+        store = BankStore.open(path)
+        store.check(sites, batch_size)
+        return store
+    batch_size = batch_size or max(100, math.ceil(num_simulations / 100))
+    return BankStore.create(path, sites, batch_size, int(torch.randint(2**62, ())))
+
+
+def _finished(chunks, store, num_simulations, num_invalid):
+    """The bank of what is finished: the store's, or the chunks in memory in index order."""
+    if store is not None:
+        return store.load(num_simulations) if store.chunks else None
+    if not chunks:
+        return None
+    ordered = [(z, x) for _, z, x in sorted(chunks, key=lambda c: c[0])]
+    bank = _concatenated(ordered, num_simulations)
+    bank["num_invalid"] = num_invalid
+    return bank
 
 
 def _simulate_chunk(model, args, kwargs, num, nesting, vectorize):
@@ -221,26 +277,26 @@ def _concatenated(chunks, limit):
     }
 
 
-def _stopped(error, cls, chunk, kept, num_simulations, chunks, num_invalid):
+def _stopped(error, cls, chunk, kept, num_simulations, bank, path):
     if isinstance(error, JointContrastiveError) and error.args:
         # Pyro appends the trace's shapes to errors raised inside a model: leave them out.
         message = str(error.args[0]).split("\nTrace Shapes:")[0]
     else:
         message = f"{type(error).__name__}: {error}"
-    kept_note = (
-        f"The {kept} simulations finished before it are kept in this error's `simulations` "
-        "attribute, a bank for SimulationBank or ForwardKL(simulations=...)."
-        if kept
-        else "No simulation had finished before it."
-    )
+    if bank is None:
+        kept_note = "No simulation had finished before it."
+    else:
+        kept_note = (
+            f"The {kept} simulations finished before it are kept in this error's "
+            "`simulations` attribute, a bank for SimulationBank or ForwardKL(simulations=...)"
+            + (f", and in the store at {path} (call again to complete it)." if path else ".")
+        )
     where = f"in chunk {chunk}" if chunk is not None else "in a chunk"
     stopped = cls(
         f"simulate stopped {where} (after {kept} of {num_simulations} simulations): "
         f"{message}\n{kept_note}"
     )
-    stopped.simulations = (
-        {**_concatenated(chunks, num_simulations), "num_invalid": num_invalid} if kept else None
-    )
+    stopped.simulations = bank
     return stopped
 
 

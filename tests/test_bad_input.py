@@ -495,8 +495,8 @@ def test_simulate_progress_moves_per_chunk(monkeypatch):
     updates = []
 
     class Bar:
-        def __init__(self, total, desc):
-            self.total, self.n = total, 0
+        def __init__(self, total, desc, initial=0):
+            self.total, self.n = total, initial
 
         def update(self, k):
             self.n += k

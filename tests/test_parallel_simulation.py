@@ -79,3 +79,22 @@ def test_workers_see_the_param_store():
 def test_num_workers_is_checked():
     with pytest.raises(ValueError, match="num_workers"):
         simulate(numpy_model(), torch.zeros(2), num_simulations=10, num_workers=0)
+
+
+def test_workers_write_the_store_of_one_process(tmp_path):
+    model = numpy_model(threshold=1.0)
+    banks = []
+    for workers in (1, 2):
+        pyro.set_rng_seed(3)
+        with pytest.warns(UserWarning, match="dropped"):
+            banks.append(
+                simulate(
+                    model,
+                    torch.zeros(2),
+                    num_simulations=200,
+                    batch_size=40,
+                    num_workers=workers,
+                    path=tmp_path / str(workers),
+                )
+            )
+    assert torch.equal(banks[0]["observations"]["x"], banks[1]["observations"]["x"])

@@ -1,0 +1,128 @@
+"""Banks on disk (simulate(path=...)): written chunk by chunk, resumed after an interrupt,
+grown, checked against the model, read without unpickling."""
+
+import json
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_jc import Implicit, simulate
+from pyro_jc.store import BankStore
+
+
+def counting_model(calls, interrupt_at=None):
+    """theta ~ N(0, 1); x_i ~ theta + N(0, 1) for the data's points, through a numpy
+    simulator that counts its calls (and raises KeyboardInterrupt at call interrupt_at)."""
+
+    def simulator(theta):
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        return theta + np.random.randn(*theta.shape)
+
+    def model(x):
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("x", Implicit(simulator, theta, numpy=True), obs=x)
+
+    return model
+
+
+def simple_model(x):
+    theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[-1]):
+        pyro.sample("x", dist.Normal(theta, 1.0), obs=x)
+
+
+def test_a_second_call_reads_the_store_without_simulating(tmp_path):
+    calls = [0]
+    model = counting_model(calls)
+    pyro.set_rng_seed(0)
+    first = simulate(model, torch.zeros(3), num_simulations=250, batch_size=50, path=tmp_path)
+    assert calls[0] == 5 and first["latents"]["theta"].shape == (250, 1)
+    again = simulate(model, torch.zeros(3), num_simulations=250, path=tmp_path)
+    assert calls[0] == 5  # nothing simulated
+    for part in ("latents", "observations"):
+        for k in first[part]:
+            assert torch.equal(first[part][k], again[part][k])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["sites"] == {"latents": {"theta": []}, "observations": {"x": [3]}}
+    assert sorted(manifest["chunks"]) == ["0", "1", "2", "3", "4"]
+
+
+def test_an_interrupted_store_resumes_to_the_uninterrupted_bank(tmp_path):
+    pyro.set_rng_seed(1)
+    whole = simulate(
+        counting_model([0]),
+        torch.zeros(3),
+        num_simulations=400,
+        batch_size=100,
+        path=tmp_path / "whole",
+    )
+    base_seed = BankStore.open(tmp_path / "whole").base_seed
+    # The same seed, interrupted at the third chunk, then resumed.
+    calls = [0]
+    pyro.set_rng_seed(1)
+    with pytest.warns(UserWarning, match=r"interrupted: returning the 200 of 400.*call again"):
+        part = simulate(
+            counting_model(calls, interrupt_at=3),
+            torch.zeros(3),
+            num_simulations=400,
+            batch_size=100,
+            path=tmp_path / "cut",
+        )
+    assert part["latents"]["theta"].shape == (200, 1)
+    store = BankStore.open(tmp_path / "cut")
+    assert store.base_seed == base_seed and sorted(store.chunks) == [0, 1]
+    resumed = simulate(
+        counting_model([0]), torch.zeros(3), num_simulations=400, path=tmp_path / "cut"
+    )
+    assert torch.equal(resumed["latents"]["theta"], whole["latents"]["theta"])
+    assert torch.equal(resumed["observations"]["x"], whole["observations"]["x"])
+    assert (
+        torch.allclose(resumed["observations"]["x"], whole["observations"]["x"], atol=0, rtol=0)
+        or True
+    )
+
+
+def test_growing_a_store_keeps_its_bank(tmp_path):
+    pyro.set_rng_seed(2)
+    small = simulate(
+        simple_model, torch.zeros(3), num_simulations=150, batch_size=100, path=tmp_path
+    )
+    large = simulate(simple_model, torch.zeros(3), num_simulations=450, path=tmp_path)
+    assert large["latents"]["theta"].shape == (450, 1)
+    assert torch.equal(large["latents"]["theta"][:150], small["latents"]["theta"])
+    assert sorted(BankStore.open(tmp_path).chunks) == [0, 1, 2, 3, 4]
+
+
+def test_a_store_of_another_model_or_size_is_refused(tmp_path):
+    simulate(simple_model, torch.zeros(3), num_simulations=100, path=tmp_path)
+    with pytest.raises(ValueError, match="another model or data-set size"):
+        simulate(simple_model, torch.zeros(5), num_simulations=100, path=tmp_path)
+
+    def renamed(x):
+        phi = pyro.sample("phi", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("x", dist.Normal(phi, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="another model"):
+        simulate(renamed, torch.zeros(3), num_simulations=100, path=tmp_path)
+    with pytest.raises(ValueError, match="chunks of 100"):
+        simulate(simple_model, torch.zeros(3), num_simulations=100, batch_size=7, path=tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        simulate(simple_model, torch.zeros(3), num_simulations=10, path=tmp_path / "other")
+
+
+def test_store_files_load_without_unpickling(tmp_path):
+    simulate(simple_model, torch.zeros(3), num_simulations=100, path=tmp_path)
+    chunk = torch.load(tmp_path / "chunk-00000000.pt", weights_only=True)
+    assert set(chunk) == {"latents", "observations"} and chunk["observations"]["x"].shape == (
+        100,
+        3,
+    )
