@@ -38,7 +38,11 @@ from .joints import (
     with_simulation_dim,
 )
 from .layout import LayoutCache
-from .simulation import SimulationBank, batches
+from .simulation import SimulationBank, StoredBank, batches
+from .store import BankStore
+
+#: Pairs of a bank from which an autoguide's standardization is fitted.
+STANDARDIZATION_PAIRS = 100_000
 
 
 class ForwardKL(ELBO):
@@ -88,8 +92,11 @@ class ForwardKL(ELBO):
         (see :class:`~pyro_jc.joints.ObservationArguments`); found automatically by default.
     :param simulations: a bank from :func:`~pyro_jc.simulate` (or a
         :class:`~pyro_jc.simulation.SimulationBank`), to train on instead of fresh
-        simulations.
-    :param float validation_fraction: share of the bank held out for validation (with a bank).
+        simulations; or a bank on disk (a :class:`~pyro_jc.store.BankStore` from
+        ``simulate(..., path=...)``, or a :class:`~pyro_jc.simulation.StoredBank`), read a few
+        chunks at a time, so that a bank larger than memory trains.
+    :param float validation_fraction: share of the bank held out for validation (with a bank;
+        whole chunks, the last ones, of a bank on disk).
     :param float clip_norm: clip the global gradient norm of the guide's parameters to this
         value in :meth:`loss_and_grads` (``None``: no clipping).
     :param torch.Generator generator: random source of the bank's split and shuffling
@@ -131,11 +138,12 @@ class ForwardKL(ELBO):
         #: The bank's training and validation splits (:class:`SimulationBank`\ s).
         self.bank = self.validation_bank = None
         if simulations is not None:
-            bank = (
-                simulations
-                if isinstance(simulations, SimulationBank)
-                else SimulationBank(simulations)
-            )
+            if isinstance(simulations, BankStore):
+                bank = StoredBank(simulations)
+            elif isinstance(simulations, SimulationBank | StoredBank):
+                bank = simulations
+            else:
+                bank = SimulationBank(simulations)
             self.bank, self.validation_bank = bank.split(validation_fraction, generator)
             self._batch_size = min(num_particles, len(self.bank))
             self._loader = batches(
@@ -360,7 +368,9 @@ class ForwardKL(ELBO):
             with poutine.block(hide_types=["sample"]):
                 guide(*args, **kwargs)  # sets the guide up from the model's own arguments
         if self.bank is not None:
-            latents, sims = self.bank.all()
+            # Statistics from (up to) the first STANDARDIZATION_PAIRS pairs: all of a bank in
+            # memory, a few chunks of one on disk.
+            latents, sims = self.bank.head(STANDARDIZATION_PAIRS)
         elif invalid is not None:
             latents = {k: v[~invalid] for k, v in latents.items()}
             sims = {k: v[~invalid] for k, v in sims.items()}

@@ -16,14 +16,21 @@ from typing import Any
 import pyro
 import pyro.util
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from .errors import JointContrastiveError, NonFiniteError, SimulatorError
 from .joints import model_joint_pairs
 from .layout import ModelLayout
 from .store import BankStore
 
-__all__ = ["SimulationBank", "batches", "simulate"]
+__all__ = ["ChunkShuffle", "SimulationBank", "StoredBank", "batches", "simulate"]
 
 
 def simulate(
@@ -355,29 +362,18 @@ class SimulationBank(Dataset):
         (a :class:`~pyro_jc.layout.ModelLayout`): the same latent and observed sites, each
         simulation shaped like the site (the data-set size included).
         """
-        for part, names, values in (
-            ("latents", layout.latent_sites, self.latents),
-            ("observations", layout.observed_sites, self.observations),
-        ):
-            if set(values) != set(names):
-                raise ValueError(
-                    f"The bank's {part} are {sorted(values)}, but the model's "
-                    f"{part[:-1] if part == 'latents' else 'observed'} sites are "
-                    f"{sorted(names)}: the bank was simulated from another model. Simulate "
-                    "a bank from this one with pyro_jc.simulate(model, *args, ...)."
-                )
-            for name in names:
-                expected = _trimmed(layout.site(name)["fn"].shape())
-                got = _trimmed(values[name].shape[1:])
-                if got != expected:
-                    raise ValueError(
-                        f"The bank's {part}[{name!r}] simulations have shape {got}, but the "
-                        f"model's site {name!r} draws {expected} with these arguments: the "
-                        "bank was simulated for a data set of another size (simulate it with "
-                        "the arguments you train with), or the model is not vectorization-safe "
-                        "(under a plate over simulations its sites gain dims: reduce over "
-                        "event dims without keepdim, index from the right)."
-                    )
+        _check_shapes(
+            layout,
+            {k: v.shape[1:] for k, v in self.latents.items()},
+            {k: v.shape[1:] for k, v in self.observations.items()},
+        )
+
+    def head(self, num: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(latents, observations)`` of the first ``num`` simulations (all if fewer)."""
+        return (
+            {k: v[:num] for k, v in self.latents.items()},
+            {k: v[:num] for k, v in self.observations.items()},
+        )
 
     def __len__(self) -> int:
         return self.num_simulations
@@ -443,10 +439,178 @@ def batches(
     :param bool drop_last: leave out a last, smaller minibatch.
     :param loader: further arguments of the DataLoader (``num_workers``, ``pin_memory``).
     """
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(
-        dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last), **loader
-    )
+    if shuffle and isinstance(dataset, StoredBank):
+        # Random access across a bank on disk would read a chunk per item: shuffle by chunk.
+        batch_sampler = ChunkShuffle(dataset, batch_size, generator=generator, drop_last=drop_last)
+    else:
+        sampler = (
+            RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        )
+        batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+    return DataLoader(dataset, batch_size=None, sampler=batch_sampler, **loader)
+
+
+def _check_shapes(layout, latents, observations):
+    """``latents``/``observations``: ``{site: shape of one simulation}`` of a bank."""
+    for part, names, values in (
+        ("latents", layout.latent_sites, latents),
+        ("observations", layout.observed_sites, observations),
+    ):
+        if set(values) != set(names):
+            raise ValueError(
+                f"The bank's {part} are {sorted(values)}, but the model's "
+                f"{part[:-1] if part == 'latents' else 'observed'} sites are "
+                f"{sorted(names)}: the bank was simulated from another model. Simulate "
+                "a bank from this one with pyro_jc.simulate(model, *args, ...)."
+            )
+        for name in names:
+            expected = _trimmed(layout.site(name)["fn"].shape())
+            got = _trimmed(values[name])
+            if got != expected:
+                raise ValueError(
+                    f"The bank's {part}[{name!r}] simulations have shape {got}, but the "
+                    f"model's site {name!r} draws {expected} with these arguments: the "
+                    "bank was simulated for a data set of another size (simulate it with "
+                    "the arguments you train with), or the model is not vectorization-safe "
+                    "(under a plate over simulations its sites gain dims: reduce over "
+                    "event dims without keepdim, index from the right)."
+                )
+
+
+class StoredBank(Dataset):
+    """A bank kept on disk (a :class:`~pyro_jc.store.BankStore`) served as a
+    :class:`torch.utils.data.Dataset` without loading it whole: a minibatch reads the chunk
+    files it needs, and at most ``cache_chunks`` chunks stay in memory. :func:`batches`
+    shuffles it chunk-wise (see :class:`ChunkShuffle`), so a bank larger than memory
+    trains with memory for a few chunks.
+
+    :param store: a :class:`~pyro_jc.store.BankStore` (or its path).
+    :param chunks: the chunk indices it serves (default: all, in order).
+    :param int cache_chunks: chunks held in memory at once.
+    """
+
+    def __init__(self, store, chunks=None, cache_chunks: int = 8) -> None:
+        from collections import OrderedDict
+
+        self.store = store if isinstance(store, BankStore) else BankStore.open(store)
+        available = self.store.chunks
+        self.chunks = sorted(available) if chunks is None else list(chunks)
+        if not self.chunks:
+            raise ValueError(f"The bank store at {self.store.path} holds no finished chunk.")
+        sizes = [available[k]["kept"] for k in self.chunks]
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.cache_chunks = max(1, int(cache_chunks))
+        self._cache = OrderedDict()
+        #: Chunk files read so far (a bank too large for memory reads each once per pass).
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each chunk's items."""
+        return list(zip(self.offsets[:-1], self.offsets[1:], strict=True))
+
+    def _chunk(self, position):
+        if position in self._cache:
+            self._cache.move_to_end(position)
+            return self._cache[position]
+        chunk = self.store.read_chunk(self.chunks[position])
+        self.reads += 1
+        self._cache[position] = chunk
+        if len(self._cache) > self.cache_chunks:
+            self._cache.popitem(last=False)
+        return chunk
+
+    def __getitem__(self, index):
+        index = torch.as_tensor(index).reshape(-1)
+        positions = torch.bucketize(index, torch.tensor(self.offsets[1:]), right=True)
+        parts = {"latents": {}, "observations": {}}
+        order = []
+        for position in positions.unique().tolist():
+            mask = positions == position
+            local = index[mask] - self.offsets[position]
+            chunk = self._chunk(position)
+            for part in parts:
+                for k, v in chunk[part].items():
+                    parts[part].setdefault(k, []).append(v[local])
+            order.append(mask.nonzero().flatten())
+        # Back to the order asked for.
+        inverse = torch.empty_like(index)
+        inverse[torch.cat(order)] = torch.arange(len(index))
+        return tuple(
+            {k: torch.cat(v)[inverse] for k, v in parts[part].items()}
+            for part in ("latents", "observations")
+        )
+
+    def split(self, validation_fraction: float, generator=None):
+        """Training and validation parts by whole chunks (the last ones validate).
+
+        :returns: ``(train, validation)`` (``validation`` is ``None`` for a fraction of 0).
+        """
+        if not 0 <= validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+        num_val = math.ceil(validation_fraction * len(self.chunks)) if validation_fraction else 0
+        if num_val >= len(self.chunks):
+            raise ValueError(
+                f"A stored bank of {len(self.chunks)} chunks cannot hold out "
+                f"validation_fraction={validation_fraction} by whole chunks: simulate more "
+                "chunks (a smaller batch_size) or lower the fraction."
+            )
+        cut = len(self.chunks) - num_val
+        train = StoredBank(self.store, self.chunks[:cut], self.cache_chunks)
+        validation = StoredBank(self.store, self.chunks[cut:], self.cache_chunks)
+        return train, (validation if num_val else None)
+
+    def check_layout(self, layout):
+        """As :meth:`SimulationBank.check_layout`, from the store's manifest."""
+        sites = self.store.manifest["sites"]
+        _check_shapes(layout, sites["latents"], sites["observations"])
+
+    def head(self, num: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(latents, observations)`` of the first ``num`` simulations (all if fewer)."""
+        return self[torch.arange(min(num, len(self)))]
+
+
+class ChunkShuffle(Sampler):
+    """Minibatches of indices of a :class:`StoredBank`, shuffled chunk-wise: each pass takes
+    the chunks in a random order, ``buffer_chunks`` at a time, and shuffles the items of
+    those chunks together (the buffer of a streaming loader), so that each chunk file is
+    read once per pass.
+
+    :param StoredBank bank: the bank.
+    :param int batch_size: items per minibatch.
+    :param int buffer_chunks: chunks shuffled together (default: the bank's cache).
+    :param torch.Generator generator: random source.
+    :param bool drop_last: leave out a last, smaller minibatch.
+    """
+
+    def __init__(self, bank, batch_size, buffer_chunks=None, generator=None, drop_last=False):
+        self.ranges = bank.chunk_ranges()
+        self.batch_size = batch_size
+        self.buffer_chunks = buffer_chunks or bank.cache_chunks
+        self.generator = generator
+        self.drop_last = drop_last
+
+    def __iter__(self):
+        order = torch.randperm(len(self.ranges), generator=self.generator).tolist()
+        carry = torch.empty(0, dtype=torch.long)
+        for i in range(0, len(order), self.buffer_chunks):
+            group = [torch.arange(*self.ranges[k]) for k in order[i : i + self.buffer_chunks]]
+            items = torch.cat(group)
+            items = torch.cat([carry, items[torch.randperm(len(items), generator=self.generator)]])
+            whole = len(items) // self.batch_size * self.batch_size
+            for start in range(0, whole, self.batch_size):
+                yield items[start : start + self.batch_size].tolist()
+            carry = items[whole:]
+        if len(carry) and not self.drop_last:
+            yield carry.tolist()
+
+    def __len__(self):
+        total = sum(stop - start for start, stop in self.ranges)
+        return total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size)
 
 
 def _trimmed(shape):

@@ -2,6 +2,7 @@
 grown, checked against the model, read without unpickling."""
 
 import json
+import math
 
 import numpy as np
 import pyro
@@ -126,3 +127,45 @@ def test_store_files_load_without_unpickling(tmp_path):
         100,
         3,
     )
+
+
+def test_a_bank_on_disk_trains_a_chunk_at_a_time(tmp_path):
+    """ForwardKL(simulations=store) reads the bank through a DataLoader a few chunks at a
+    time: each chunk file once per pass over the bank, never all of them in memory, and the
+    guide learns the posterior (theta | x ~ N(sum x / (n + 1), 1 / (n + 1)), n = 3)."""
+    from pyro.infer import SVI
+
+    from pyro_jc import AutoAmortizedNormal, ForwardKL
+    from pyro_jc.simulation import StoredBank, batches
+
+    pyro.set_rng_seed(0)
+    simulate(simple_model, torch.zeros(3), num_simulations=4000, batch_size=200, path=tmp_path)
+    bank = StoredBank(BankStore.open(tmp_path), cache_chunks=2)
+    loss = ForwardKL(num_particles=200, simulations=bank)
+    assert len(loss.bank) == 3600 and len(loss.validation_bank) == 400  # 18 + 2 chunks
+    guide = AutoAmortizedNormal(simple_model)
+    svi = SVI(simple_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss)
+    for _ in range(3 * loss.steps_per_epoch):
+        svi.step(torch.zeros(3))
+    assert len(loss.bank._cache) <= 2  # never more than the cache in memory
+    # A shuffled pass reads each chunk file once.
+    before = loss.bank.reads
+    assert sum(len(b[1]["x"]) for b in batches(loss.bank, 200, shuffle=True)) == 3600
+    assert loss.bank.reads - before == 18
+    x = torch.tensor([0.5, 1.0, 1.5])
+    theta = guide.sample_posterior(x, num_samples=4000)["theta"]
+    assert abs(theta.mean().item() - 0.75) < 0.1 and abs(theta.std().item() - 0.5) < 0.05
+    assert math.isfinite(loss.validation_loss(simple_model, guide, torch.zeros(3)))
+
+
+def test_stored_bank_items_come_back_in_the_order_asked(tmp_path):
+    from pyro_jc.simulation import StoredBank
+
+    bank_in_memory = simulate(
+        simple_model, torch.zeros(3), num_simulations=300, batch_size=100, path=tmp_path
+    )
+    stored = StoredBank(tmp_path, cache_chunks=1)
+    index = [250, 3, 120, 99, 100, 299]
+    latents, observations = stored[index]
+    assert torch.equal(observations["x"], bank_in_memory["observations"]["x"][index])
+    assert torch.equal(latents["theta"], bank_in_memory["latents"]["theta"][index])
