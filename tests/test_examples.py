@@ -40,6 +40,7 @@ SMOKE_ARGS = {
         "5",
     ],
     "benchmark_forward_kl.py": ["--csis-seconds", "0.5", "--rounds", "1", "--steps", "2"],
+    "distributed_training.py": ["--steps", "5", "--num-particles", "16"],
     "benchmark_sbi.py": [
         "--tasks",
         "two_moons",
@@ -170,3 +171,12 @@ def test_calibration(tmp_path):
     results = module.main(args)
     assert (tmp_path / "calibration.png").stat().st_size > 0
     assert not results["scale halved"].passes(0.01)  # 300 simulations already see it
+
+
+def test_distributed_training_in_one_process(capsys):
+    """Without torchrun it trains in one process (the two-process run is in
+    tests/test_distributed.py)."""
+    module = load("distributed_training.py")
+    module.main(module.parse_args(SMOKE_ARGS["distributed_training.py"]))
+    processes, pairs, steps, *_ = capsys.readouterr().out.splitlines()[-1].split()
+    assert (processes, pairs, steps) == ("1", "16", "5")
