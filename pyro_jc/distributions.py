@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.util import broadcast_shape
 from pyro.poutine.messenger import Messenger
 
 from .errors import ImplicitDensityError, SimulatorError, SimulatorWarning
@@ -70,9 +71,10 @@ class Implicit(TorchDistribution):
     :param param_event_dims: number of rightmost dims of each parameter that belong to one
         simulation (an int for all, or one per parameter); ``0`` for scalar parameters.
     :param bool vectorized: whether the simulator handles a batch of draws.
-    :param bool numpy: pass parameters as numpy arrays (detached, on the CPU). Whatever the
-        simulator returns (tensor, array, list) comes back as a tensor on the parameters'
-        device and dtype.
+    :param bool numpy: pass parameters as numpy arrays (detached, on the CPU); one draw at
+        a time, a scalar parameter comes as a numpy scalar (``np.float32``, say). Whatever
+        the simulator returns (tensor, array, list) comes back as a tensor on the
+        parameters' device and dtype.
     :param bool reparameterized: the simulator is a differentiable torch function of its
         parameters (and its own noise); :meth:`rsample` then carries gradients.
     :param support: the outcome's support (default real).
@@ -130,8 +132,12 @@ class Implicit(TorchDistribution):
         self._support = support
         #: Mask of the draws of the latest sample that were invalid (``on_invalid="drop"``).
         self.last_invalid = None
-        batch_shape = torch.broadcast_shapes(
-            *(p.shape[: p.dim() - d] for p, d in zip(tensors, param_event_dims, strict=True))
+        # Pyro's pure-Python broadcast: torch.broadcast_shapes imports torch._refs on first
+        # use (a third of a second, paid again by every simulation worker process).
+        batch_shape = torch.Size(
+            broadcast_shape(
+                *(p.shape[: p.dim() - d] for p, d in zip(tensors, param_event_dims, strict=True))
+            )
         )
         super().__init__(batch_shape, torch.Size(event_shape), validate_args=validate_args)
 
@@ -217,32 +223,56 @@ class Implicit(TorchDistribution):
         return out.reshape(shape + self.event_shape)
 
     def _one_by_one(self, flat, n, ref, batch):
-        draws, failed = [], []
-        for i in range(n):
-            params = [p[i : i + 1] if batch else p[i] for p in flat]
-            try:
-                draw = self._call(params)
-            except Exception as e:
-                if self.on_invalid != "drop":
-                    raise self._raised(e, f"draw {i} of {n}", params) from e
-                failed.append(e)
-                # NaN marks the draw invalid: _check_finite drops it with the others.
-                draws.append(torch.full(self.event_shape, math.nan, dtype=ref.dtype))
-                continue
-            draw = self._to_tensor(draw, ref)
-            if batch:
-                self._check_shape(draw, (1,) + self.event_shape, f"returned for draw {i}")
-                draw = draw[0]
-            else:
-                self._check_shape(draw, self.event_shape, f"returned for draw {i}")
-            draws.append(draw)
+        # The per-draw loop is the cost of a cheap simulator: convert the parameters once,
+        # block the simulator's own sites once, and convert the outputs once at the end.
+        if self.numpy:
+            flat = [t.detach().cpu().numpy() for t in flat]
+        outputs, failed = [], []
+        with poutine.block():
+            for i in range(n):
+                # A scalar parameter of a numpy simulator comes as a numpy scalar (p[i]):
+                # numpy's arithmetic on those is a third faster than on 0-d arrays.
+                params = [p[i : i + 1] if batch else p[i] for p in flat]
+                try:
+                    outputs.append(self.simulator(*params))
+                except Exception as e:
+                    if self.on_invalid != "drop":
+                        raise self._raised(e, f"draw {i} of {n}", params) from e
+                    failed.append(e)
+                    outputs.append(None)  # NaN in its place: dropped as invalid
         if failed:
             if len(failed) == n and n > 1:
                 # Every draw raising is a broken simulator, not a bad region of the prior.
                 raise self._raised(failed[0], f"every one of the {n} draws", None) from failed[0]
             self._warn_dropped(failed[0])
-        if not draws:
+        if not outputs:
             return ref.new_zeros((0,) + self.event_shape)
+        shape = ((1,) if batch else ()) + tuple(self.event_shape)
+        return self._stacked(outputs, shape, ref, batch)
+
+    def _stacked(self, outputs, shape, ref, batch):
+        """The draws' outputs as one tensor ``(n, *event_shape)``: in one conversion when they
+        are all numpy (or all tensors) of the right shape, else draw by draw, which names the
+        first draw that is wrong."""
+        kinds = {type(o) for o in outputs if o is not None}
+        if kinds <= {np.ndarray} or kinds <= {torch.Tensor}:
+            stack = np.stack if kinds <= {np.ndarray} else torch.stack
+            blank = np.full(shape, np.nan) if stack is np.stack else torch.full(shape, math.nan)
+            try:
+                if all(o is None or tuple(o.shape) == shape for o in outputs):
+                    out = stack([blank if o is None else o for o in outputs])
+                    out = self._to_tensor(out, ref)
+                    return out[:, 0] if batch else out
+            except (TypeError, ValueError, RuntimeError):
+                pass  # mixed dtypes and the like: the careful path below says what is wrong
+        draws = []
+        for i, o in enumerate(outputs):
+            if o is None:
+                draws.append(torch.full(self.event_shape, math.nan, dtype=ref.dtype))
+                continue
+            draw = self._to_tensor(o, ref)
+            self._check_shape(draw, shape, f"returned for draw {i}")
+            draws.append(draw[0] if batch else draw)
         return torch.stack([d.to(device=ref.device, dtype=ref.dtype) for d in draws])
 
     def _warn_dropped(self, error):

@@ -310,15 +310,17 @@ def _stopped(error, cls, chunk, kept, num_simulations, bank, path):
 @contextmanager
 def _seeded(seed):
     """Run under ``pyro.set_rng_seed(seed)`` (torch, numpy and Python), then restore the
-    random state, CUDA's included when it is in use."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    random state, CUDA's included when it is in use. (Not ``torch.random.fork_rng``: it
+    records stack traces for lazily initialized devices, a cost per chunk.)"""
     state = pyro.util.get_rng_state()
-    with torch.random.fork_rng(devices=devices):
-        pyro.set_rng_seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            pyro.util.set_rng_state(state)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    pyro.set_rng_seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 class SimulationBank(Dataset):

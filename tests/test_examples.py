@@ -41,6 +41,7 @@ SMOKE_ARGS = {
     ],
     "benchmark_forward_kl.py": ["--csis-seconds", "0.5", "--rounds", "1", "--steps", "2"],
     "distributed_training.py": ["--steps", "5", "--num-particles", "16"],
+    "benchmark_simulation.py": ["--num-simulations", "200", "--workers", "1", "--rounds", "1"],
     "benchmark_sbi.py": [
         "--tasks",
         "two_moons",
@@ -180,3 +181,11 @@ def test_distributed_training_in_one_process(capsys):
     module.main(module.parse_args(SMOKE_ARGS["distributed_training.py"]))
     processes, pairs, steps, *_ = capsys.readouterr().out.splitlines()[-1].split()
     assert (processes, pairs, steps) == ("1", "16", "5")
+
+
+def test_benchmark_simulation(capsys):
+    pytest.importorskip("sbi")
+    module = load("benchmark_simulation.py")
+    rows = module.main(module.parse_args(SMOKE_ARGS["benchmark_simulation.py"]))
+    assert [row[0] for row in rows] == [1] and all(t > 0 for t in rows[0][1:])
+    assert re.search(r"^ +1 +[\d.]+ +[\d.]+ +[\d.]+$", capsys.readouterr().out, re.M)

@@ -45,7 +45,7 @@ def test_numpy_one_draw_simulator_returns_tensors_on_the_parameters_device(devic
     seen = []
 
     def simulator(rate, scale):
-        assert isinstance(rate, np.ndarray) and rate.shape == ()
+        assert isinstance(rate, np.floating) and rate.shape == ()  # a numpy scalar
         seen.append(float(rate))
         return np.array([rate * scale, rate + scale])
 
