@@ -190,6 +190,14 @@ class _Runner:
     def __init__(self, model, args, kwargs, nesting, vectorize, num_workers):
         self.job = (model, args, kwargs, nesting, vectorize)
         self.num_workers = num_workers
+        if num_workers != 1:
+            try:
+                import joblib  # noqa: F401
+            except ImportError as e:
+                raise ImportError(
+                    "simulate(num_workers=...) runs its workers through joblib, which is not "
+                    'installed: pip install "pyro-jc[parallel]".'
+                ) from e
 
     def run(self, chunks, base_seed):
         """Yield ``(chunk index, result)`` for the ``(index, size)`` pairs of ``chunks``: in

@@ -98,3 +98,18 @@ def test_workers_write_the_store_of_one_process(tmp_path):
                 )
             )
     assert torch.equal(banks[0]["observations"]["x"], banks[1]["observations"]["x"])
+
+
+def test_a_missing_joblib_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_joblib(name, *args, **kwargs):
+        if name == "joblib":
+            raise ImportError("No module named 'joblib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_joblib)
+    with pytest.raises(ImportError, match=r"pyro-jc\[parallel\]"):
+        simulate(numpy_model(), torch.zeros(2), num_simulations=10, num_workers=2)
