@@ -1,4 +1,5 @@
-"""Simulating a bank with worker processes: pyro_jc's simulate against sbi's simulate_for_sbi.
+"""Simulation with worker processes: pyro_jc's simulate against sbi's simulate_for_sbi, and
+ForwardKL training on fresh simulations drawn by workers while it steps.
 
 The simulator is the black-box stochastic SIR epidemic of ``sir_epidemic.py`` (numpy, one
 run per call), optionally repeated to make each draw slower. Both sides draw the same number
@@ -7,7 +8,13 @@ size (``simulate(batch_size=...)``, ``simulate_for_sbi(simulation_batch_size=...
 after the other in alternating order; the table gives the median wall time of the rounds
 and the ratio (pyro_jc / sbi: below 1 is faster).
 
+With ``--train-steps N`` it also trains ``ForwardKL(num_workers=K)`` for N steps of
+``--particles`` fresh pairs and compares the wall time with the two parts alone: simulating
+those pairs in one process, and the same steps on a bank simulated beforehand. Workers
+simulating ahead of training bring the wall time from their sum towards their maximum.
+
     python examples/benchmark_simulation.py --num-simulations 4000 --workers 1 2 --rounds 3
+    python examples/benchmark_simulation.py --repeat 20 --num-simulations 1000 --train-steps 20
 """
 
 import argparse
@@ -40,7 +47,7 @@ def repeated(repeat):
     return simulator
 
 
-def pyro_jc_side(num_simulations, workers, batch_size, repeat):
+def sir_model(repeat):
     simulator = repeated(repeat)
 
     def model(x):
@@ -54,6 +61,12 @@ def pyro_jc_side(num_simulations, workers, batch_size, repeat):
             numpy=True,
         )
         pyro.sample("x", epidemic, obs=x)
+
+    return model
+
+
+def pyro_jc_side(num_simulations, workers, batch_size, repeat):
+    model = sir_model(repeat)
 
     start = time.perf_counter()
     bank = simulate(
@@ -92,6 +105,53 @@ def sbi_side(num_simulations, workers, batch_size, repeat):
     return seconds
 
 
+def training(steps, particles, workers, repeat, bank=None):
+    """Seconds for ``steps`` ForwardKL steps (after one warm-up step that sets the guide and
+    the workers up), on fresh pairs or on ``bank``."""
+    from pyro.infer import SVI
+
+    from pyro_jc import AutoAmortizedNormal, ForwardKL, optim
+
+    model = sir_model(repeat)
+    pyro.clear_param_store()
+    if bank is None:
+        loss = ForwardKL(num_particles=particles, num_workers=workers)
+    else:
+        loss = ForwardKL(num_particles=particles, simulations=bank, validation_fraction=0)
+    svi = SVI(model, AutoAmortizedNormal(model), optim.Adam({"lr": 1e-3}), loss)
+    x = torch.zeros(WEEKS)
+    svi.step(x)
+    start = time.perf_counter()
+    for _ in range(steps):
+        svi.step(x)
+    seconds = time.perf_counter() - start
+    if getattr(loss, "_stream", None) is not None:
+        loss._stream[1].close()
+    return seconds
+
+
+def training_table(args):
+    steps, particles = args.train_steps, args.particles
+    start = time.perf_counter()
+    bank = simulate(
+        sir_model(args.repeat), torch.zeros(WEEKS), num_simulations=(steps + 1) * particles,
+        batch_size=particles,
+    )  # fmt: skip
+    simulation = (time.perf_counter() - start) * steps / (steps + 1)
+    alone = training(steps, particles, 1, args.repeat, bank=bank)
+    print(
+        f"\nForwardKL, {steps} steps of {particles} fresh pairs (SIR x{args.repeat}): "
+        f"simulating alone {simulation:.2f} s, training alone {alone:.2f} s"
+    )
+    print(f"{'workers':>7} {'wall (s)':>9} {'wall / sum':>11} {'wall / max':>11}")
+    for workers in args.workers:
+        wall = training(steps, particles, workers, args.repeat)
+        print(
+            f"{workers:>7} {wall:>9.2f} {wall / (simulation + alone):>11.2f} "
+            f"{wall / max(simulation, alone):>11.2f}"
+        )
+
+
 def main(args):
     torch.set_num_threads(1)
     batch_size = args.batch_size or max(100, args.num_simulations // 100)
@@ -113,6 +173,8 @@ def main(args):
     print(f"{'workers':>7} {'pyro_jc (s)':>12} {'sbi (s)':>9} {'ratio':>6}")
     for workers, ours, theirs in rows:
         print(f"{workers:>7} {ours:>12.2f} {theirs:>9.2f} {ours / theirs:>6.2f}")
+    if args.train_steps:
+        training_table(args)
     return rows
 
 
@@ -123,6 +185,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: N / 100, >= 100")
     p.add_argument("--repeat", type=int, default=1, help="SIR runs per draw (a slower draw)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=0, help="0 skips the training table")
+    p.add_argument("--particles", type=int, default=100, help="fresh pairs per step")
     return p.parse_args(argv)
 
 

@@ -38,7 +38,7 @@ from .joints import (
     with_simulation_dim,
 )
 from .layout import LayoutCache
-from .simulation import SimulationBank, StoredBank, batches
+from .simulation import SimulationBank, SimulationStream, StoredBank, batches
 from .store import BankStore
 
 #: Pairs of a bank from which an autoguide's standardization is fitted.
@@ -101,6 +101,10 @@ class ForwardKL(ELBO):
         value in :meth:`loss_and_grads` (``None``: no clipping).
     :param torch.Generator generator: random source of the bank's split and shuffling
         (default: torch's global generator, seeded by :func:`pyro.set_rng_seed`).
+    :param int num_workers: with fresh simulations, draw each step's pairs in this many
+        worker processes ahead of training (a :class:`~pyro_jc.simulation.SimulationStream`;
+        the ``parallel`` extra), so that a slow simulator runs while the optimizer steps.
+        Each pair is used once; the model is pickled to the workers.
 
     References
 
@@ -122,8 +126,20 @@ class ForwardKL(ELBO):
         validation_fraction: float = 0.1,
         clip_norm: float | None = 5.0,
         generator: torch.Generator | None = None,
+        num_workers: int = 1,
     ) -> None:
         check_num_particles(num_particles)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}.")
+        if num_workers > 1 and not vectorize_particles:
+            raise ValueError(
+                "num_workers > 1 draws each step's pairs in one vectorized model run per "
+                "chunk; it needs vectorize_particles=True (a simulator that cannot take a "
+                "batch still runs one draw at a time inside it: Implicit(vectorized=False))."
+            )
+        #: Worker processes simulating ahead of training (fresh simulations).
+        self.num_workers = num_workers
+        self._stream = None  # (layout, SimulationStream)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -214,6 +230,9 @@ class ForwardKL(ELBO):
             latents, sims = self._next_batch()
             latents, sims = _placed(latents, layout), _placed(sims, layout)
             yield latents, sims, None, next(iter(sims.values())).shape[0]
+        elif self.num_workers > 1:
+            latents, sims, invalid = next(self._simulations(model, args, kwargs, layout))
+            yield _placed(latents, layout), _placed(sims, layout), invalid, self.num_particles
         elif self.vectorize_particles:
             latents, sims, invalid = model_joint_pairs(
                 model, args, kwargs, self.num_particles, nesting
@@ -223,6 +242,23 @@ class ForwardKL(ELBO):
             for _ in range(self.num_particles):
                 latents, sims, invalid = model_joint_pairs(model, args, kwargs, None, nesting)
                 yield latents, sims, invalid, None
+
+    def _simulations(self, model, args, kwargs, layout):
+        """The stream of fresh pairs from worker processes, one per model layout (new data
+        shapes start a new one)."""
+        if self._stream is None or self._stream[0] is not layout:
+            if self._stream is not None:
+                self._stream[1].close()
+            stream = SimulationStream(
+                model,
+                args,
+                kwargs,
+                self.num_particles,
+                self._nesting(layout),
+                self.num_workers,
+            )
+            self._stream = (layout, stream)
+        return self._stream[1]
 
     def _next_batch(self):
         """The next minibatch of the bank's training split (a new epoch when one ends)."""

@@ -6,6 +6,7 @@ read banks as any torch dataset.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import warnings
@@ -30,7 +31,14 @@ from .joints import model_joint_pairs
 from .layout import ModelLayout
 from .store import BankStore
 
-__all__ = ["ChunkShuffle", "SimulationBank", "StoredBank", "batches", "simulate"]
+__all__ = [
+    "ChunkShuffle",
+    "SimulationBank",
+    "SimulationStream",
+    "StoredBank",
+    "batches",
+    "simulate",
+]
 
 
 def simulate(
@@ -212,6 +220,64 @@ class _Runner:
         parallel = Parallel(n_jobs=self.num_workers, return_as="generator_unordered")
         task = delayed(_run_chunk_in_worker)
         return parallel(task(*self.job, n, k, base_seed, params) for k, n in chunks)
+
+
+class SimulationStream:
+    """Fresh simulations drawn ahead of training in worker processes: an iterator of
+    ``(latents, observations, invalid)`` chunks of ``num`` pairs, ``prefetch`` of them in
+    flight, so that a slow simulator's cost hides behind the optimizer's step (each pair is
+    used once). Chunk ``k`` is seeded from the global random state at creation, as in
+    :func:`simulate`; the workers get the param store as it is then.
+
+    :param model: the model; ``args``/``kwargs`` its arguments (they fix plate sizes).
+    :param int num: pairs per chunk (one training step's).
+    :param int nesting: the model's plate depth.
+    :param int num_workers: worker processes (joblib's loky executor, reused across calls).
+    :param int prefetch: chunks in flight (default: twice the workers).
+    :param bool vectorize: one vectorized model run per chunk (``False``: one per pair).
+    """
+
+    def __init__(
+        self, model, args, kwargs, num, nesting, num_workers, prefetch=None, vectorize=True
+    ):
+        try:
+            from joblib.externals.loky import get_reusable_executor
+        except ImportError as e:
+            raise ImportError(
+                "Simulating in worker processes needs joblib, which is not installed: "
+                'pip install "pyro-jc[parallel]".'
+            ) from e
+        self._executor = get_reusable_executor(max_workers=num_workers)
+        self._job = (model, args, kwargs, nesting, vectorize, num)
+        self._prefetch = prefetch or 2 * num_workers
+        self._base_seed = int(torch.randint(2**62, ()))
+        self._params = pyro.get_param_store().get_state() if pyro.get_param_store() else None
+        self._pending = collections.deque()
+        self._next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self._pending) < self._prefetch:
+            model, args, kwargs, nesting, vectorize, num = self._job
+            future = self._executor.submit(
+                _run_chunk_in_worker,
+                model, args, kwargs, nesting, vectorize, num, self._next, self._base_seed,
+                self._params,
+            )  # fmt: skip
+            self._pending.append(future)
+            self._next += 1
+        _, result = self._pending.popleft().result()
+        return result
+
+    def close(self):
+        """Cancel the chunks not started yet."""
+        while self._pending:
+            self._pending.popleft().cancel()
+
+    def __del__(self):
+        self.close()
 
 
 def _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed):
