@@ -149,3 +149,30 @@ def test_simulation_workers_need_vectorized_particles():
         ForwardKL(num_workers=2, vectorize_particles=False)
     with pytest.raises(ValueError, match="num_workers"):
         ForwardKL(num_workers=0)
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_gives_the_bank_of_one_process():
+    """Under joblib's dask backend the chunks run on a dask.distributed cluster (here a
+    LocalCluster of two processes): the same bank as in this process."""
+    distributed = pytest.importorskip("distributed")
+    from joblib import parallel_config
+
+    model = numpy_model(threshold=1.0)
+    pyro.set_rng_seed(5)
+    with pytest.warns(UserWarning, match="dropped"):
+        local = simulate(model, torch.zeros(2), num_simulations=200, batch_size=50)
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    try:
+        with distributed.Client(cluster), parallel_config(backend="dask"):
+            pyro.set_rng_seed(5)
+            with pytest.warns(UserWarning, match="dropped"):
+                remote = simulate(
+                    model, torch.zeros(2), num_simulations=200, batch_size=50, num_workers=2
+                )
+    finally:
+        cluster.close()
+    assert torch.equal(local["observations"]["x"], remote["observations"]["x"])
+    assert local["num_invalid"] == remote["num_invalid"]
