@@ -33,7 +33,7 @@ def counting_model(calls, interrupt_at=None):
 
 
 def simple_model(x):
-    theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+    theta = pyro.sample("theta", dist.Normal(x.new_zeros(()), 1.0))  # on the data device
     with pyro.plate("data", x.shape[-1]):
         pyro.sample("x", dist.Normal(theta, 1.0), obs=x)
 
@@ -169,3 +169,22 @@ def test_stored_bank_items_come_back_in_the_order_asked(tmp_path):
     latents, observations = stored[index]
     assert torch.equal(observations["x"], bank_in_memory["observations"]["x"][index])
     assert torch.equal(latents["theta"], bank_in_memory["latents"]["theta"][index])
+
+
+def test_banks_follow_the_data_device(device, tmp_path):
+    """Simulations are drawn where the model's data live; a bank on disk is kept on the CPU
+    and moved to the data's device for training."""
+    from pyro.infer import SVI
+
+    from pyro_jc import AutoAmortizedNormal, ForwardKL
+
+    x = torch.zeros(3, device=device)
+    bank = simulate(simple_model, x, num_simulations=200, batch_size=100)
+    assert bank["observations"]["x"].device.type == device.type
+    stored = simulate(simple_model, x, num_simulations=200, batch_size=100, path=tmp_path)
+    assert stored["observations"]["x"].device.type == "cpu"
+    loss = ForwardKL(num_particles=50, simulations=BankStore.open(tmp_path))
+    guide = AutoAmortizedNormal(simple_model)
+    svi = SVI(simple_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss)
+    assert math.isfinite(svi.step(x))
+    assert all(p.device.type == device.type for p in guide.parameters())
