@@ -562,7 +562,7 @@ class AutoAmortizedGuide(PyroModule):
                         self._latent_layout, self._split(draw["u"]), strict=True
                     )
                 }
-                if not torch.is_grad_enabled():  # drawing posterior samples for use
+                if self._querying:  # posterior draws for the user: no sync in training
                     self._check_draws(draw["z"])
             return draw["z"]
 

@@ -126,3 +126,22 @@ def test_assertions_accept_exact_draws_and_reject_wrong_ones():
 
     with pytest.raises(AssertionError, match="not calibrated at level 0.01"):
         assert_calibrated(exact.model, overconfident, exact.data, num_simulations=500)
+
+
+def test_expected_kl_of_a_linear_guide_is_the_average_over_the_evidence():
+    """LinearGaussianModel.expected_kl (closed form, offset b != 0) against a Monte-Carlo
+    average of the per-observation KL over x ~ p(x), within 5 standard errors."""
+    from pyro_jc.testing import gaussian_kl
+
+    problem = LinearGaussianModel.random(2, 3, sigma=0.7, seed=4)
+    g = torch.Generator().manual_seed(1)
+    weight = problem.gain + 0.3 * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, generator=g, dtype=torch.float64)
+    tril = torch.tensor([[0.6, 0.0], [0.2, 0.4]], dtype=torch.float64)
+    chol = torch.linalg.cholesky(problem.evidence_cov())
+    x = problem.b + torch.randn(200_000, 3, generator=g, dtype=torch.float64) @ chol.T
+    mean, cov = problem.posterior_moments(x)
+    kl = gaussian_kl(x @ weight.T + bias, tril @ tril.T, mean, cov)
+    exact = problem.expected_kl(weight, bias, tril).item()
+    se = kl.std().item() / kl.numel() ** 0.5
+    assert abs(kl.mean().item() - exact) < 5 * se and exact > 0.1
