@@ -9,7 +9,7 @@ LOWEST := .venv-lowest
 LOWEST_PINS := torch==$(TORCH_VERSION) pyro-ppl==1.9.0 numpy==1.26.4 joblib==1.4.0 zuko==1.1.0
 EPOCHS ?= 200
 
-.PHONY: setup demo test quick test-lowest lint format docs benchmark clean
+.PHONY: setup demo test quick test-lowest lint format docs benchmark gpu-check gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,5 +62,25 @@ benchmark: setup
 	$(PY) examples/benchmark_forward_kl.py
 	$(PY) examples/benchmark_sbi.py
 
+# On a machine with a CUDA GPU: the device-parametrized tests on cuda, then the CPU-vs-GPU
+# table (examples/benchmark_devices.py). GPU_PY is an interpreter with torch and pyro-ppl:
+# this venv's by default; on a bare GPU machine with torch, `make gpu-wheels` here first,
+# carry .whl there, and run `make gpu-check GPU_PY=python3` (it installs them).
+GPU_PY ?= $(PY)
+WHEELS := .whl
+gpu-check:
+	@$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	@if [ -d $(WHEELS) ] && ! $(GPU_PY) -c "import pyro" 2>/dev/null; then \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --target /tmp/pyro_jc_site $(WHEELS)/*.whl; fi
+	PYTHONPATH=$$PYTHONPATH:/tmp/pyro_jc_site:. $(GPU_PY) -m pytest -q -p no:cacheprovider \
+		-m "not slow" --device cuda --device-tests-only tests
+	PYTHONPATH=$$PYTHONPATH:/tmp/pyro_jc_site:. $(GPU_PY) examples/benchmark_devices.py
+
+# Pure-Python wheels a GPU machine with torch lacks (its image has numpy, pytest,
+# hypothesis, joblib, tqdm and opt-einsum).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: -d $(WHEELS) \
+		pyro-ppl==1.9.1 pyro-api==0.1.2 zuko==1.6.0
+
 clean:
-	rm -rf $(VENV) $(LOWEST) docs/_build outputs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) docs/_build outputs .pytest_cache .ruff_cache .hypothesis $(WHEELS)

@@ -24,6 +24,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
 from pyro.poutine.messenger import Messenger
 
+from .devices import to_device
 from .errors import ImplicitDensityError, SimulatorError, SimulatorWarning
 
 #: Key of ``site["infer"]`` holding the boolean mask of simulations dropped as invalid.
@@ -257,7 +258,12 @@ class Implicit(TorchDistribution):
         kinds = {type(o) for o in outputs if o is not None}
         if kinds <= {np.ndarray} or kinds <= {torch.Tensor}:
             stack = np.stack if kinds <= {np.ndarray} else torch.stack
-            blank = np.full(shape, np.nan) if stack is np.stack else torch.full(shape, math.nan)
+            first = next((o for o in outputs if o is not None), None)
+            blank = (
+                torch.full(shape, math.nan, dtype=first.dtype, device=first.device)
+                if torch.is_tensor(first)
+                else np.full(shape, np.nan)
+            )
             try:
                 if all(o is None or tuple(o.shape) == shape for o in outputs):
                     out = stack([blank if o is None else o for o in outputs])
@@ -268,12 +274,12 @@ class Implicit(TorchDistribution):
         draws = []
         for i, o in enumerate(outputs):
             if o is None:
-                draws.append(torch.full(self.event_shape, math.nan, dtype=ref.dtype))
+                draws.append(ref.new_full(self.event_shape, math.nan))
                 continue
             draw = self._to_tensor(o, ref)
             self._check_shape(draw, shape, f"returned for draw {i}")
             draws.append(draw[0] if batch else draw)
-        return torch.stack([d.to(device=ref.device, dtype=ref.dtype) for d in draws])
+        return torch.stack(draws)
 
     def _warn_dropped(self, error):
         # Once per simulator, site and exception type: a run of many chunks must not repeat
@@ -322,9 +328,10 @@ class Implicit(TorchDistribution):
                 "or the modulus) and give the site the matching event_shape."
             )
         if isinstance(out, torch.Tensor):
-            return out.to(device=ref.device, dtype=ref.dtype)
+            return to_device(out, ref.device, ref.dtype)
         try:
-            return torch.as_tensor(np.asarray(out), dtype=ref.dtype, device=ref.device)
+            # numpy outputs are made on the host: pinned, non-blocking copies to a GPU.
+            return to_device(np.asarray(out), ref.device, ref.dtype)
         except (TypeError, ValueError) as e:
             raise SimulatorError(
                 f"{self._where()}: the simulator returned {type(out).__name__}, which cannot be "

@@ -25,6 +25,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import apply_stack
 
 from . import training
+from .devices import to_device
 from .distributions import SimulatorSites
 from .errors import MissingGuideSiteError, NonFiniteError, PlateShapeError
 from .joints import (
@@ -105,6 +106,14 @@ class ForwardKL(ELBO):
         worker processes ahead of training (a :class:`~pyro_jc.simulation.SimulationStream`;
         the ``parallel`` extra), so that a slow simulator runs while the optimizer steps.
         Each pair is used once; the model is pickled to the workers.
+    :param shard: ``(rank, world_size)`` in data-parallel training
+        (:class:`~pyro_jc.distributed.DistributedOptim`): train on this process's share of
+        the bank's training split (``bank.shard(rank, world_size)``; by whole chunks for a
+        bank on disk, so each process reads only its own files). Every process must build
+        the same split (seed them alike before, or pass equal ``generator``\ s), which is
+        checked when :mod:`torch.distributed` is initialized; the validation split and the
+        guide's standardization come from the whole splits on every process, so that early
+        stopping decides alike everywhere.
 
     References
 
@@ -127,6 +136,7 @@ class ForwardKL(ELBO):
         clip_norm: float | None = 5.0,
         generator: torch.Generator | None = None,
         num_workers: int = 1,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         check_num_particles(num_particles)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -161,14 +171,49 @@ class ForwardKL(ELBO):
             else:
                 bank = SimulationBank(simulations)
             self.bank, self.validation_bank = bank.split(validation_fraction, generator)
+            # Standardization comes from the whole training split, the same on every rank.
+            self._standardization_bank = self.bank
+            if shard is not None:
+                self._check_same_split(shard)
+                self.bank = self.bank.shard(*shard)
             self._batch_size = min(num_particles, len(self.bank))
             self._loader = batches(
                 self.bank, self._batch_size, shuffle=True, generator=generator, drop_last=True
             )
             self._batches = None
+        elif shard is not None:
+            raise ValueError(
+                "shard= shares a bank (simulations=...) among processes; with fresh "
+                "simulations each process draws its own pairs: seed the processes apart."
+            )
         self._layouts = LayoutCache(observations)
         self._checked = weakref.WeakSet()  # the layouts checked (and warned about)
         self._warned = set()
+
+    def _check_same_split(self, shard):
+        """Every rank must share out the same training split (else shares overlap and the
+        validation losses, hence early stopping, differ): compare a fingerprint."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        fingerprint = [
+            len(self.bank),
+            0 if self.validation_bank is None else len(self.validation_bank),
+        ]
+        for bank in (self.bank, self.validation_bank):
+            if bank is not None:
+                latents, _ = bank.head(16)
+                fingerprint += [round(float(v.double().sum()), 6) for v in latents.values()]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, fingerprint)
+        if any(f != everyone[0] for f in everyone):
+            raise ValueError(
+                f"ForwardKL(shard={tuple(shard)}): the processes split the bank differently "
+                "into training and validation parts. Seed them alike before building the "
+                "loss (pyro.set_rng_seed), or pass generator=torch.Generator().manual_seed(s) "
+                "with the same s everywhere."
+            )
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("ForwardKL draws pairs from the model joint, not traces.")
@@ -406,7 +451,7 @@ class ForwardKL(ELBO):
         if self.bank is not None:
             # Statistics from (up to) the first STANDARDIZATION_PAIRS pairs: all of a bank in
             # memory, a few chunks of one on disk.
-            latents, sims = self.bank.head(STANDARDIZATION_PAIRS)
+            latents, sims = self._standardization_bank.head(STANDARDIZATION_PAIRS)
         elif invalid is not None:
             latents = {k: v[~invalid] for k, v in latents.items()}
             sims = {k: v[~invalid] for k, v in sims.items()}
@@ -576,7 +621,7 @@ def _placed(values, layout):
         site_value = layout.site(name)["value"]
         floating = value.is_floating_point() and site_value.is_floating_point()
         dtype = site_value.dtype if floating else None
-        out[name] = value.to(device=device, dtype=dtype, non_blocking=True)
+        out[name] = to_device(value, device, dtype)
     return out
 
 

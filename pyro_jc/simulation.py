@@ -7,6 +7,7 @@ read banks as any torch dataset.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 import warnings
@@ -217,9 +218,23 @@ class _Runner:
         # Workers start with an empty param store: they get this one's (a model's
         # pyro.param values, e.g. a learned simulator parameter).
         params = pyro.get_param_store().get_state() if pyro.get_param_store() else None
-        parallel = Parallel(n_jobs=self.num_workers, return_as="generator_unordered")
         task = delayed(_run_chunk_in_worker)
-        return parallel(task(*self.job, n, k, base_seed, params) for k, n in chunks)
+        tasks = (task(*self.job, n, k, base_seed, params) for k, n in chunks)
+        try:
+            parallel = Parallel(n_jobs=self.num_workers, return_as="generator_unordered")
+        except ValueError as e:
+            if "does not support return_as" not in str(e):
+                raise
+            return self._waves(Parallel, tasks)
+        return parallel(tasks)
+
+    def _waves(self, Parallel, tasks):
+        """For backends that only return whole lists (Ray's): waves of a few chunks per
+        worker, so that a failure or Ctrl-C loses at most the current wave."""
+        wave = 4 * max(self.num_workers, 1)
+        with Parallel(n_jobs=self.num_workers, return_as="list") as parallel:
+            while batch := list(itertools.islice(tasks, wave)):
+                yield from parallel(batch)
 
 
 class SimulationStream:
@@ -486,6 +501,17 @@ class SimulationBank(Dataset):
         validation = SimulationBank(self._bank(perm[:num_val])) if num_val else None
         return train, validation
 
+    def shard(self, rank: int, world_size: int) -> SimulationBank:
+        """Rank ``rank``'s share of ``world_size`` equal, disjoint shares (every
+        ``world_size``-th simulation; the remainder is left out, so that every rank runs the
+        same number of steps).
+
+        :param int rank: this process's rank, in ``[0, world_size)``.
+        :param int world_size: the number of processes.
+        """
+        size = _shard_size(len(self), rank, world_size)
+        return SimulationBank(self._bank(torch.arange(size) * world_size + rank))
+
     def _bank(self, index):
         latents, observations = self[index]
         return {"latents": latents, "observations": observations}
@@ -563,9 +589,11 @@ class StoredBank(Dataset):
     :param store: a :class:`~pyro_jc.store.BankStore` (or its path).
     :param chunks: the chunk indices it serves (default: all, in order).
     :param int cache_chunks: chunks held in memory at once.
+    :param int length: serve only the first ``length`` items of those chunks (what
+        :meth:`shard` uses to give every rank an equal share).
     """
 
-    def __init__(self, store, chunks=None, cache_chunks: int = 8) -> None:
+    def __init__(self, store, chunks=None, cache_chunks: int = 8, length=None) -> None:
         from collections import OrderedDict
 
         self.store = store if isinstance(store, BankStore) else BankStore.open(store)
@@ -577,17 +605,20 @@ class StoredBank(Dataset):
         self.offsets = [0]
         for n in sizes:
             self.offsets.append(self.offsets[-1] + n)
+        # A shard serves its first ``length`` items (equal shares across ranks).
+        self.length = self.offsets[-1] if length is None else min(length, self.offsets[-1])
         self.cache_chunks = max(1, int(cache_chunks))
         self._cache = OrderedDict()
         #: Chunk files read so far (a bank too large for memory reads each once per pass).
         self.reads = 0
 
     def __len__(self) -> int:
-        return self.offsets[-1]
+        return self.length
 
     def chunk_ranges(self) -> list[tuple[int, int]]:
-        """``(start, stop)`` of each chunk's items."""
-        return list(zip(self.offsets[:-1], self.offsets[1:], strict=True))
+        """``(start, stop)`` of each chunk's items (those of the first ``len(self)``)."""
+        ranges = zip(self.offsets[:-1], self.offsets[1:], strict=True)
+        return [(a, min(b, self.length)) for a, b in ranges if a < self.length]
 
     def _chunk(self, position):
         if position in self._cache:
@@ -602,6 +633,8 @@ class StoredBank(Dataset):
 
     def __getitem__(self, index):
         index = torch.as_tensor(index).reshape(-1)
+        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self):
+            raise IndexError(f"index out of range for a stored bank of {len(self)} items")
         positions = torch.bucketize(index, torch.tensor(self.offsets[1:]), right=True)
         parts = {"latents": {}, "observations": {}}
         order = []
@@ -635,10 +668,30 @@ class StoredBank(Dataset):
                 f"validation_fraction={validation_fraction} by whole chunks: simulate more "
                 "chunks (a smaller batch_size) or lower the fraction."
             )
+        if self.length < self.offsets[-1]:
+            raise ValueError("Split a stored bank before sharding it, not after.")
         cut = len(self.chunks) - num_val
         train = StoredBank(self.store, self.chunks[:cut], self.cache_chunks)
         validation = StoredBank(self.store, self.chunks[cut:], self.cache_chunks)
         return train, (validation if num_val else None)
+
+    def shard(self, rank: int, world_size: int) -> StoredBank:
+        """Rank ``rank``'s share of ``world_size`` disjoint shares by whole chunks (every
+        ``world_size``-th chunk, so that each rank reads only its own files), cut to the
+        smallest share's size so that every rank runs the same number of steps.
+
+        :param int rank: this process's rank, in ``[0, world_size)``.
+        :param int world_size: the number of processes.
+        """
+        _shard_size(len(self.chunks), rank, world_size)  # checks the arguments
+        sizes = [b - a for a, b in self.chunk_ranges()]
+        shares = [sum(sizes[r::world_size]) for r in range(world_size)]
+        if min(shares) == 0:
+            raise ValueError(
+                f"A stored bank of {len(self.chunks)} chunks cannot give each of "
+                f"{world_size} ranks a chunk: simulate more chunks (a smaller batch_size)."
+            )
+        return StoredBank(self.store, self.chunks[rank::world_size], self.cache_chunks, min(shares))
 
     def check_layout(self, layout):
         """As :meth:`SimulationBank.check_layout`, from the store's manifest."""
@@ -687,6 +740,18 @@ class ChunkShuffle(Sampler):
     def __len__(self):
         total = sum(stop - start for start, stop in self.ranges)
         return total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size)
+
+
+def _shard_size(n, rank, world_size):
+    """Items in each of ``world_size`` equal shares of ``n`` (the arguments checked)."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"shard: {name} must be an int, got {value!r}.")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard: need 0 <= rank < world_size, got {rank} and {world_size}.")
+    if n < world_size:
+        raise ValueError(f"A bank of {n} cannot be shared among {world_size} ranks.")
+    return n // world_size
 
 
 def _trimmed(shape):

@@ -13,6 +13,24 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def pytest_addoption(parser):
     parser.addoption("--device", action="append", default=None, help="restrict device fixture")
+    parser.addoption(
+        "--device-tests-only",
+        action="store_true",
+        help="run only the tests that take the device fixture (make gpu-check)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--device-tests-only"):
+        return
+    chosen = config.getoption("--device")
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on = callspec.params.get("device") if callspec else None
+        (keep if on is not None and (not chosen or on in chosen) else drop).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
 
 
 @pytest.fixture(params=DEVICES)

@@ -68,6 +68,54 @@ def test_torchrun_with_two_processes_trains_as_one():
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    processes, pairs, steps, mean_error, sd_ratio, agree = out.stdout.splitlines()[-1].split()
+    processes, pairs, steps, _, mean_error, sd_ratio, agree = out.stdout.splitlines()[-1].split()
     assert (processes, pairs, steps, agree) == ("2", "256", "800", "True")
     assert float(mean_error) < 0.25 and abs(float(sd_ratio) - 1) < 0.1
+
+
+def torchrun(script, *args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(script), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_torchrun_shares_a_bank_on_disk(tmp_path):
+    """--bank: rank 0 simulates a store, each rank trains on its own chunks with early
+    stopping on the whole validation split; the ranks stop at the same epoch with the same
+    guide, as accurate as one process."""
+    out = torchrun(
+        ROOT / "examples" / "distributed_training.py", "--bank", "8000", "--store", tmp_path / "b"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    processes, pairs, epochs, _, mean_error, sd_ratio, agree = out.stdout.splitlines()[-1].split()
+    assert (processes, pairs, agree) == ("2", "256", "True") and int(epochs) > 5
+    assert float(mean_error) < 0.25 and abs(float(sd_ratio) - 1) < 0.1
+
+
+SPLIT_APART = """
+import pyro, torch, torch.distributed as dist
+from pyro_jc import ForwardKL, simulate
+from pyro_jc.testing import LinearGaussianModel
+
+dist.init_process_group("gloo")
+problem = LinearGaussianModel.random(1, 1, num_data=1, seed=0)
+pyro.set_rng_seed(0)
+bank = simulate(problem.model, problem.data, num_simulations=200)
+pyro.set_rng_seed(dist.get_rank())  # each rank its own split: refused
+try:
+    ForwardKL(simulations=bank, shard=(dist.get_rank(), 2))
+except ValueError as e:
+    print("refused:", "split the bank differently" in str(e))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_split_a_bank_apart_are_refused(tmp_path):
+    script = tmp_path / "split_apart.py"
+    script.write_text(SPLIT_APART)
+    out = torchrun(script, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("True") == 2 and "False" not in out.stdout  # lines may interleave

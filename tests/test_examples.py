@@ -5,11 +5,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMOKE_ARGS = {
     "vae_digits.py": ["--num-epochs", "2", "--quiet"],
     "benchmark_elbo.py": ["--rounds", "1", "--steps", "2"],
+    "benchmark_devices.py": [
+        "--batch",
+        "64",
+        "--simulations",
+        "100",
+        "--c2st-samples",
+        "50",
+        "--rounds",
+        "1",
+    ],  # fmt: skip
     "sir_epidemic.py": ["--num-simulations", "300", "--max-epochs", "2", "--quiet"],
     "explaining_away.py": [
         "--num-data",
@@ -200,3 +211,14 @@ def test_benchmark_simulation(capsys):
     rows = module.main(module.parse_args(SMOKE_ARGS["benchmark_simulation.py"]))
     assert [row[0] for row in rows] == [1] and all(t > 0 for t in rows[0][1:])
     assert re.search(r"^ +1 +[\d.]+ +[\d.]+ +[\d.]+$", capsys.readouterr().out, re.M)
+
+
+def test_benchmark_devices(capsys):
+    """The CPU-vs-GPU table: a row per case, the CUDA column filled where a GPU is."""
+    module = load("benchmark_devices.py")
+    module.main(module.parse_args(SMOKE_ARGS["benchmark_devices.py"]))
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 3
+    for row in rows:
+        cpu, cuda, ratio = row.split()[-3:]
+        assert float(cpu) > 0 and (cuda != "-") == torch.cuda.is_available()

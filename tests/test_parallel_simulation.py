@@ -176,3 +176,41 @@ def test_a_dask_cluster_gives_the_bank_of_one_process():
         cluster.close()
     assert torch.equal(local["observations"]["x"], remote["observations"]["x"])
     assert local["num_invalid"] == remote["num_invalid"]
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_gives_the_bank_of_one_process():
+    """Under Ray's joblib backend (which returns whole lists, not generators) the chunks run
+    in waves on a local Ray instance: the same bank as in this process, and a failure keeps
+    the finished waves."""
+    ray = pytest.importorskip("ray")
+    from joblib import parallel_config
+    from ray.util.joblib import register_ray
+
+    model = numpy_model(threshold=1.0)
+    pyro.set_rng_seed(6)
+    with pytest.warns(UserWarning, match="dropped"):
+        local = simulate(model, torch.zeros(2), num_simulations=200, batch_size=25)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        register_ray()
+        with parallel_config(backend="ray"):
+            pyro.set_rng_seed(6)
+            with pytest.warns(UserWarning, match="dropped"):
+                remote = simulate(
+                    model, torch.zeros(2), num_simulations=200, batch_size=25, num_workers=2
+                )
+            # 1.3% of chunks of 10 fail: most waves of 8 chunks finish
+            failing = numpy_model(threshold=3.0, on_invalid="raise")
+            pyro.set_rng_seed(1)
+            with pytest.raises(SimulatorError, match="no solution") as info:
+                simulate(
+                    failing, torch.zeros(2), num_simulations=4000, batch_size=10, num_workers=2
+                )
+    finally:
+        ray.shutdown()
+    assert torch.equal(local["observations"]["x"], remote["observations"]["x"])
+    assert local["num_invalid"] == remote["num_invalid"]
+    kept = info.value.simulations
+    assert kept is not None and kept["latents"]["theta"].shape[0] % 80 == 0
+    assert bool((kept["latents"]["theta"] <= 3.0).all())
