@@ -25,6 +25,7 @@ from .errors import (
 )
 from .forward_kl import ForwardKL
 from .iwelbo import JointContrastiveIWELBO
+from .posterior import Posterior
 from .simulation import simulate
 
 __version__ = "0.2.0.dev0"  # the one place of the version (pyproject.toml reads it)
@@ -54,4 +55,5 @@ __all__ = [
     "MissingGuideSiteError",
     "NonFiniteError",
     "PlateShapeError",
+    "Posterior",
 ]

@@ -321,6 +321,12 @@ class AutoAmortizedGuide(PyroModule):
             )
         return observations
 
+    def observations(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``{observed site: value}``: the observations the guide reads from the model's
+        arguments ``args``/``kwargs`` (checked against the shapes it was set up for)."""
+        self._check_set_up("observations")
+        return self._read(args, kwargs)
+
     def _prefix(self, observations):
         name, x = next(iter(observations.items()))
         ndim = self._obs_layout[name][0]
@@ -424,8 +430,10 @@ class AutoAmortizedGuide(PyroModule):
     def _context(self, args, kwargs, index=None):
         observations = self._read(args, kwargs)
         x = self._features(observations, index)
-        if not self.obs_standardize.is_fitted and x.reshape(-1, x.shape[-1]).shape[0] > 1:
-            # From the data themselves (ELBO training): a few datapoints may well agree.
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if not self.obs_standardize.is_fitted and rows > 1 and not self._querying:
+            # From the data themselves (ELBO training; never from a query's observations):
+            # a few datapoints may well agree.
             self.obs_standardize.fit(x, warn_constant=False)
         x = self.obs_standardize(x)
         if self._querying and self.obs_standardize.is_fitted:
@@ -499,6 +507,15 @@ class AutoAmortizedGuide(PyroModule):
             full = adopted or buffers[0].name not in store
             for entry in buffers:
                 entry.sync(store, full)
+
+    def __getstate__(self):
+        # PyroModule's drops Pyro's weak links from the parameters; the cache of statements
+        # links to this process's param store and is rebuilt at the next call.
+        state = super().__getstate__()
+        for buffer in self.buffers():
+            buffer.__dict__.pop("unconstrained", None)
+        state["_param_names"] = None
+        return state
 
     def _adopt(self, name, current, stored):
         """Put the store's tensor ``stored`` in place of the module's parameter ``current``."""
@@ -784,6 +801,59 @@ class AutoAmortizedGuide(PyroModule):
             )
             for layout in self._latent_layout
         }
+
+    def map(
+        self,
+        *args: Any,
+        num_samples: int = 1000,
+        num_steps: int = 200,
+        learning_rate: float = 0.01,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """The posterior mode (maximum a posteriori under the guide) of the latents at the
+        observations in ``args`` (which may carry extra leading dims): the draw of highest
+        ``log q(z | x)`` among ``num_samples``, then ``num_steps`` of Adam on ``log q(z | x)``
+        with the rate annealed by a cosine (the density of the latents in their own support,
+        Jacobians included, so the mode of a positive site is that of its density there, not
+        of its logarithm's). Like sbi's ``map``, it finds the mode of the guide's density,
+        which a multimodal posterior may hold in a draw's basin other than the highest one.
+
+        :param int num_samples: draws to start from the best of.
+        :param int num_steps: gradient-ascent steps (0: the best draw).
+        :param float learning_rate: Adam's step size in the unconstrained space.
+        :returns: ``{site: tensor}`` shaped like the site with the observations' leading dims.
+        """
+        self._check_set_up("map")
+        if num_samples < 1 or num_steps < 0:
+            raise ValueError(
+                f"map needs num_samples >= 1 and num_steps >= 0; got {num_samples}, {num_steps}."
+            )
+        with self._query(), torch.no_grad():
+            q_u = self._posterior(self._context(args, kwargs))
+            draws = q_u.sample((num_samples,))
+            score = self._log_density_u(q_u, draws)
+            best = score.argmax(0, keepdim=True).unsqueeze(-1).expand((1,) + draws.shape[1:])
+            u = draws.gather(0, best).squeeze(0)
+        u = u.detach().requires_grad_()
+        adam = torch.optim.Adam([u], lr=learning_rate)
+        # Annealed to zero: Adam's steps do not shrink near the mode by themselves.
+        anneal = torch.optim.lr_scheduler.CosineAnnealingLR(adam, max(num_steps, 1))
+        with torch.enable_grad():
+            for _ in range(num_steps):
+                adam.zero_grad()
+                # A new tensor each step: the flows' transforms cache by identity.
+                (-self._log_density_u(q_u, u + 0).sum()).backward()
+                adam.step()
+                anneal.step()
+        return self._from_unconstrained(u.detach())
+
+    def _log_density_u(self, q_u, u):
+        """``log q(z | x)`` at the latents whose joined unconstrained vector is ``u``."""
+        values = {
+            layout["name"]: layout["transform"](piece)
+            for layout, piece in zip(self._latent_layout, self._split(u), strict=True)
+        }
+        return self._log_density(q_u, values, u)
 
     def _from_unconstrained(self, u):
         """``{site: value}`` from joined unconstrained vectors ``(*left, *aux, latent_dim)``,
