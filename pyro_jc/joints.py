@@ -591,6 +591,22 @@ def model_joint_pairs(model, args, kwargs, num_samples=None, max_plate_nesting=N
     return latents, observations, invalid
 
 
+def prior_latents(model, args, kwargs, num_samples, max_plate_nesting):
+    """``num_samples`` draws of the latents from the prior, in one vectorized model run with
+    the observed sites left observed (no simulator runs): ``{site: value}`` in a bank's
+    layout (the draws along dim 0, a plate at dim ``-max_plate_nesting - 1``).
+
+    :param int max_plate_nesting: the model's plate depth (finite).
+    """
+    fn = pyro.plate(PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)(model)
+    trace = prune_subsample_sites(trace_model(fn, args, kwargs))
+    return {
+        site["name"]: site["value"].detach()
+        for site in sample_sites(trace)
+        if not site["is_observed"]
+    }
+
+
 def with_simulation_dim(value, event_dim, max_plate_nesting):
     """An unbatched site value in the layout of a plate over one simulation: batch dims
     padded to ``max_plate_nesting`` and a leading dim of size 1."""

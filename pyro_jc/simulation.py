@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pyro
+import pyro.poutine as poutine
 import pyro.util
 import torch
 from torch.utils.data import (
@@ -28,7 +29,7 @@ from torch.utils.data import (
 )
 
 from .errors import JointContrastiveError, NonFiniteError, SimulatorError
-from .joints import model_joint_pairs
+from .joints import model_joint_pairs, values_trace
 from .layout import ModelLayout
 from .store import BankStore
 
@@ -52,6 +53,7 @@ def simulate(
     progress: bool = False,
     num_workers: int = 1,
     path: str | os.PathLike | None = None,
+    latents: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> dict:
     """Simulate a bank of pairs ``(z, x) ~ p(z, x)`` from ``model`` (observed sites released).
@@ -89,6 +91,12 @@ def simulate(
         a failure, or to grow the bank (a larger ``num_simulations``), and gives the bank an
         uninterrupted run would have. The store must belong to this model and these
         arguments' shapes (checked); its seed and chunk size are its own.
+    :param dict latents: simulate at these latents instead of prior draws (``{site:
+        tensor}`` for every latent site, ``num_simulations`` along dim 0 in a bank's
+        layout, e.g. a proposal's draws from
+        :class:`~pyro_jc.sequential.TruncatedPrior`): the model runs with them replayed,
+        and the bank pairs them with their simulations (draws dropped as invalid are not
+        replaced, so the bank may be smaller). Needs ``vectorize=True``, no ``path``.
     :returns: ``{"latents": {site: tensor}, "observations": {site: tensor},
         "num_invalid": int}``; every tensor has the simulations along dim 0 (the layout of
         a plate over simulations at dim ``-max_plate_nesting - 1``). Invalid draws (see
@@ -118,6 +126,8 @@ def simulate(
             "pyro.sample(name, dist, obs=data) so that it knows what to simulate."
         )
     nesting = layout.plate_nesting if max_plate_nesting is None else max_plate_nesting
+    if latents is not None:
+        _check_latents(layout, latents, num_simulations, vectorize, path)
     store = _store(path, layout, batch_size, num_simulations) if path is not None else None
     if store is not None:
         batch_size, base_seed = store.batch_size, store.base_seed
@@ -133,9 +143,9 @@ def simulate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_simulations, initial=min(kept, num_simulations), desc="simulate")
-    runner = _Runner(model, args, kwargs, nesting, vectorize, num_workers)
+    runner = _Runner(model, args, kwargs, nesting, vectorize, num_workers, latents, batch_size)
     try:
-        while kept < num_simulations:
+        while kept < num_simulations and not (latents is not None and attempt):
             # A wave of chunks covers what is missing; draws dropped as invalid call for
             # another. The waves depend neither on the number of workers nor on the seeds.
             plan = _plan(num_simulations - kept, batch_size, attempt, store)
@@ -196,9 +206,13 @@ class _Runner:
     """Runs chunks in this process, or in ``num_workers`` processes through joblib (loky by
     default; any joblib backend the caller configures, dask's or Ray's for a cluster)."""
 
-    def __init__(self, model, args, kwargs, nesting, vectorize, num_workers):
+    def __init__(
+        self, model, args, kwargs, nesting, vectorize, num_workers, latents=None, batch_size=None
+    ):
         self.job = (model, args, kwargs, nesting, vectorize)
         self.num_workers = num_workers
+        # Given latents: chunk k simulates at rows [k * batch_size, k * batch_size + size).
+        self.latents, self.batch_size = latents, batch_size
         if num_workers != 1:
             try:
                 import joblib  # noqa: F401
@@ -212,14 +226,14 @@ class _Runner:
         """Yield ``(chunk index, result)`` for the ``(index, size)`` pairs of ``chunks``: in
         order in this process, as they finish in workers."""
         if self.num_workers == 1:
-            return (_run_chunk(*self.job, n, k, base_seed) for k, n in chunks)
+            return (_run_chunk(*self.job, n, k, base_seed, self._at(k, n)) for k, n in chunks)
         from joblib import Parallel, delayed
 
         # Workers start with an empty param store: they get this one's (a model's
         # pyro.param values, e.g. a learned simulator parameter).
         params = pyro.get_param_store().get_state() if pyro.get_param_store() else None
         task = delayed(_run_chunk_in_worker)
-        tasks = (task(*self.job, n, k, base_seed, params) for k, n in chunks)
+        tasks = (task(*self.job, n, k, base_seed, params, self._at(k, n)) for k, n in chunks)
         try:
             parallel = Parallel(n_jobs=self.num_workers, return_as="generator_unordered")
         except ValueError as e:
@@ -227,6 +241,12 @@ class _Runner:
                 raise
             return self._waves(Parallel, tasks)
         return parallel(tasks)
+
+    def _at(self, chunk, size):
+        if self.latents is None:
+            return None
+        start = chunk * self.batch_size
+        return {k: v[start : start + size] for k, v in self.latents.items()}
 
     def _waves(self, Parallel, tasks):
         """For backends that only return whole lists (Ray's): waves of a few chunks per
@@ -295,7 +315,9 @@ class SimulationStream:
         self.close()
 
 
-def _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed):
+def _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed, latents=None):
+    if latents is not None:
+        model = poutine.replay(model, trace=values_trace(latents))
     try:
         with _seeded(base_seed + chunk):
             return chunk, _simulate_chunk(model, args, kwargs, num, nesting, vectorize)
@@ -304,12 +326,14 @@ def _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed):
         raise
 
 
-def _run_chunk_in_worker(model, args, kwargs, nesting, vectorize, num, chunk, base_seed, params):
+def _run_chunk_in_worker(
+    model, args, kwargs, nesting, vectorize, num, chunk, base_seed, params, latents=None
+):
     # One torch thread per worker: the workers are the parallelism.
     torch.set_num_threads(1)
     if params is not None:
         pyro.get_param_store().set_state(params)
-    return _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed)
+    return _run_chunk(model, args, kwargs, nesting, vectorize, num, chunk, base_seed, latents)
 
 
 def _plan(missing, batch_size, first, store):
@@ -550,6 +574,27 @@ def batches(
         )
         batch_sampler = BatchSampler(sampler, batch_size, drop_last)
     return DataLoader(dataset, batch_size=None, sampler=batch_sampler, **loader)
+
+
+def _check_latents(layout, latents, num_simulations, vectorize, path):
+    """Latents given to :func:`simulate`: every latent site, ``num_simulations`` rows each in
+    a bank's layout."""
+    if not vectorize or path is not None:
+        raise ValueError(
+            "simulate(latents=...) replays the latents in one vectorized run per chunk, in "
+            "memory: it needs vectorize=True and no path."
+        )
+    if not isinstance(latents, dict):
+        raise TypeError(f"latents must be a dict {{site: tensor}}, got {type(latents).__name__}.")
+    for name, value in latents.items():
+        if not torch.is_tensor(value) or value.dim() == 0 or len(value) != num_simulations:
+            raise ValueError(
+                f"simulate(latents=...): site {name!r} needs a tensor with num_simulations="
+                f"{num_simulations} rows along dim 0, got "
+                f"{tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}."
+            )
+    observed = {name: layout.site(name)["fn"].shape() for name in layout.observed_sites}
+    _check_shapes(layout, {k: v.shape[1:] for k, v in latents.items()}, observed)
 
 
 def _check_shapes(layout, latents, observations):

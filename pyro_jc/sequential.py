@@ -1,0 +1,242 @@
+"""Sequential neural posterior estimation for one observation with truncated proposals
+(TSNPE, Deistler et al. 2022).
+
+Round 1 simulates from the prior; every later round draws parameters from the prior
+truncated to the current guide's highest-density region at the observation ``x_o``,
+simulates them and trains :class:`~pyro_jc.ForwardKL` on the pairs of all rounds. Inside
+the region the truncated prior is proportional to the prior, so the forward-KL loss needs
+no correction: the guide learns the posterior wherever the region holds its mass (all of
+it, up to the ``quantile`` left out). The region is the guide's own:
+``{z : log q(z | x_o) >= tau}``, ``tau`` the ``quantile`` of ``log q`` at the guide's draws
+(an exact test for any guide with a density); the truncated prior is sampled by rejection
+from the prior, whose acceptance rate is reported.
+
+References
+
+[1] Truncated proposals for scalable and hassle-free simulation-based inference,
+M. Deistler, P. J. Goncalves, J. H. Macke (2022)
+
+[2] Automatic posterior transformation for likelihood-free inference, D. S. Greenberg,
+M. Nonnenmacher, J. H. Macke (2019)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro.infer import SVI
+
+from .errors import JointContrastiveError
+from .forward_kl import ForwardKL
+from .joints import prior_latents
+from .layout import ModelLayout
+from .simulation import simulate
+
+__all__ = ["TruncatedPrior", "TruncationError", "fit_sequential"]
+
+
+class TruncationError(JointContrastiveError):
+    """The truncated prior's acceptance rate fell below its floor: the guide's region holds
+    too little prior mass to be found by rejection."""
+
+
+class TruncatedPrior:
+    """The model's prior truncated to a guide's highest-density region at fixed observations:
+    ``p(z) 1[log q(z | x_o) >= tau] / Z``.
+
+    :param model: the Pyro model.
+    :param guide: an amortized guide with ``sample_posterior`` and ``log_prob``
+        (:class:`~pyro_jc.AutoAmortizedNormal`, :class:`~pyro_jc.AutoAmortizedFlow`).
+    :param args: the model's arguments carrying the observations ``x_o``; keyword
+        arguments likewise.
+    :param float quantile: the share of the guide's own mass left outside the region
+        (TSNPE's ``epsilon``; 1e-4 by default, as sbi's ``get_density_thresholder``).
+    :param int num_threshold_samples: guide draws the threshold is the quantile of.
+    :param float min_acceptance: the rejection sampler's acceptance-rate floor; below it
+        :meth:`sample` raises :class:`TruncationError`.
+    :param int batch_size: prior draws per rejection round (default: adapted to the
+        acceptance rate seen so far).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any,
+        *args: Any,
+        quantile: float = 1e-4,
+        num_threshold_samples: int = 10_000,
+        min_acceptance: float = 1e-4,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not 0 <= quantile < 1:
+            raise ValueError(f"quantile must lie in [0, 1), got {quantile}.")
+        if num_threshold_samples < 1 or not 0 < min_acceptance <= 1:
+            raise ValueError(
+                "num_threshold_samples must be >= 1 and min_acceptance in (0, 1]; got "
+                f"{num_threshold_samples} and {min_acceptance}."
+            )
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.quantile = quantile
+        self.min_acceptance = min_acceptance
+        self.batch_size = batch_size
+        layout = ModelLayout(model, args, kwargs)
+        self._nesting = layout.plate_nesting
+        with torch.no_grad():
+            draws = guide.sample_posterior(*args, num_samples=num_threshold_samples, **kwargs)
+            log_q = self.log_q(draws)
+        #: The region's threshold ``tau`` on ``log q(z | x_o)``.
+        self.threshold = float(torch.quantile(log_q.double(), quantile)) if quantile else -math.inf
+        #: Prior draws proposed and accepted so far.
+        self.num_proposed = self.num_accepted = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of prior draws that fell in the region so far (NaN before any)."""
+        return self.num_accepted / self.num_proposed if self.num_proposed else math.nan
+
+    def log_q(self, latents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``log q(z | x_o)`` of latents in a bank's layout (draws along dim 0): ``(n,)``."""
+        num = len(next(iter(latents.values())))
+        with torch.no_grad():
+            return self.guide.log_prob(latents, *self.args, **self.kwargs).reshape(num)
+
+    def contains(self, latents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Whether each of the latents (draws along dim 0) lies in the region: ``(n,)``."""
+        return self.log_q(latents) >= self.threshold
+
+    def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """``num_samples`` draws of the truncated prior by rejection from the prior, in a
+        bank's layout (what :func:`~pyro_jc.simulate` takes as ``latents=``).
+
+        :raises TruncationError: the acceptance rate fell below ``min_acceptance``.
+        """
+        kept, count = [], 0
+        while count < num_samples:
+            rate = self.acceptance_rate if self.num_accepted else None
+            size = self.batch_size or _proposal_size(num_samples - count, rate)
+            draws = prior_latents(self.model, self.args, self.kwargs, size, self._nesting)
+            inside = self.contains(draws)
+            self.num_proposed += size
+            self.num_accepted += int(inside.sum())
+            if inside.any():
+                kept.append({k: v[inside] for k, v in draws.items()})
+                count += int(inside.sum())
+            if self.num_proposed >= 10 / self.min_acceptance and (
+                self.acceptance_rate < self.min_acceptance
+            ):
+                raise TruncationError(
+                    f"TruncatedPrior: {self.num_accepted} of {self.num_proposed} prior draws "
+                    f"fell in the guide's region (acceptance {self.acceptance_rate:.2e}, below "
+                    f"min_acceptance={self.min_acceptance:g}): the region holds almost no "
+                    "prior mass. Train longer in the earlier rounds (the guide may be "
+                    "overconfident), lower min_acceptance, or use fewer rounds."
+                )
+        return {k: torch.cat([part[k] for part in kept])[:num_samples] for k in kept[0]}
+
+
+def _proposal_size(missing, rate):
+    """Prior draws for one rejection round: enough for ``missing`` at the rate seen so far
+    (with a margin), at least 1,000, at most a million."""
+    if rate is None:
+        return max(1000, missing)
+    return int(min(max(1000, 1.2 * missing / max(rate, 1e-6)), 1_000_000))
+
+
+def fit_sequential(
+    model: Callable,
+    guide: Any,
+    *args: Any,
+    num_simulations: int,
+    num_rounds: int = 10,
+    optim: Any = None,
+    quantile: float = 1e-4,
+    num_particles: int = 200,
+    max_epochs: int | None = None,
+    num_workers: int = 1,
+    simulate_options: dict | None = None,
+    fit_options: dict | None = None,
+    callback: Callable | None = None,
+    **kwargs: Any,
+) -> dict:
+    """Train an amortized ``guide`` on ``model``'s posterior at the observations in ``args``
+    in ``num_rounds`` rounds of truncated sequential NPE (see the module's description).
+
+    The budget ``num_simulations`` is split evenly over the rounds (sbibm's protocol: ten
+    rounds). Each round trains :class:`~pyro_jc.ForwardKL` on the pairs of all rounds so far
+    with :meth:`~pyro_jc.ForwardKL.fit` (early stopping on a validation split), and the
+    guide's standardization is fitted once, from round 1's prior simulations.
+
+    :param model: the Pyro model (any model :func:`~pyro_jc.simulate` takes: several latent
+        sites, bounded priors, implicit likelihoods).
+    :param guide: the amortized guide to train.
+    :param args: the model's arguments, with the observations ``x_o`` where the data go.
+    :param int num_simulations: the total simulation budget.
+    :param int num_rounds: rounds (1: one-round NPE on the prior).
+    :param optim: the optimizer (default: ``pyro_jc.optim.Adam({"lr": 1e-3})``).
+    :param float quantile: the region's excluded guide mass (see :class:`TruncatedPrior`).
+    :param int num_particles: pairs per training step.
+    :param int max_epochs: bounds each round's training (default: early stopping only).
+    :param int num_workers: simulation worker processes (see :func:`~pyro_jc.simulate`).
+    :param dict simulate_options: more arguments of :func:`~pyro_jc.simulate`.
+    :param dict fit_options: more arguments of :meth:`~pyro_jc.ForwardKL.fit`.
+    :param callback: called after each round with ``(round, guide, history)``.
+    :returns: a history: ``"rounds"``, a list with per round the ``simulations`` drawn, the
+        truncated prior's ``acceptance_rate`` and ``threshold`` (NaN and ``-inf`` in round 1),
+        the ``epochs`` trained and the best ``validation_loss``; ``"simulations"``, the
+        total.
+    """
+    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
+        raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}.")
+    if num_simulations < num_rounds:
+        raise ValueError(
+            f"num_simulations={num_simulations} cannot be split over {num_rounds} rounds."
+        )
+    if optim is None:
+        from . import optim as jc_optim
+
+        optim = jc_optim.Adam({"lr": 1e-3})
+    sizes = [
+        num_simulations // num_rounds + (r < num_simulations % num_rounds)
+        for r in range(num_rounds)
+    ]
+    banks, history = [], {"rounds": [], "simulations": 0}
+    for r, size in enumerate(sizes):
+        entry = {"round": r + 1, "acceptance_rate": math.nan, "threshold": -math.inf}
+        latents = None
+        if r:
+            truncated = TruncatedPrior(model, guide, *args, quantile=quantile, **kwargs)
+            latents = truncated.sample(size)
+            entry["acceptance_rate"] = truncated.acceptance_rate
+            entry["threshold"] = truncated.threshold
+        bank = simulate(
+            model,
+            *args,
+            num_simulations=size,
+            latents=latents,
+            num_workers=num_workers,
+            **(simulate_options or {}),
+            **kwargs,
+        )
+        banks.append(bank)
+        entry["simulations"] = len(next(iter(bank["observations"].values())))
+        history["simulations"] += entry["simulations"]
+        loss = ForwardKL(num_particles=num_particles, simulations=_joined(banks))
+        svi = SVI(model, guide, optim, loss)
+        fitted = loss.fit(svi, *args, max_epochs=max_epochs, **(fit_options or {}), **kwargs)
+        entry["epochs"] = fitted["epochs"]
+        entry["validation_loss"] = min(fitted["validation_loss"], default=math.nan)
+        history["rounds"].append(entry)
+        if callback is not None:
+            callback(r + 1, guide, history)
+    return history
+
+
+def _joined(banks):
+    return {
+        part: {k: torch.cat([b[part][k] for b in banks]) for k in banks[0][part]}
+        for part in ("latents", "observations")
+    }

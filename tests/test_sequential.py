@@ -1,0 +1,133 @@
+"""Sequential NPE with truncated proposals: the truncated prior (exact region, proportional
+to the prior, inside its support, acceptance reported), simulate(latents=...), and rounds
+that reach the exact posterior of a linear-Gaussian model at the observation."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_jc import AutoAmortizedNormal, simulate
+from pyro_jc.joints import prior_latents
+from pyro_jc.sequential import TruncatedPrior, TruncationError, fit_sequential
+from pyro_jc.testing import LinearGaussianModel
+from pyro_jc.testing.models import gaussian_kl
+
+PRIOR_SD = 2.0
+
+
+def normal_model(x):
+    theta = pyro.sample("theta", dist.Normal(0.0, PRIOR_SD))
+    with pyro.plate("data", x.shape[-1]):
+        pyro.sample("x", dist.Normal(theta, 1.0), obs=x)
+
+
+def gaussian_guide(model, x, loc, scale):
+    """An AutoAmortizedNormal whose posterior is N(loc, scale) at every observation."""
+    guide = AutoAmortizedNormal(model)
+    guide(x)
+    with torch.no_grad():
+        guide.head.weight.zero_()
+        guide.head.bias[0] = loc
+        guide.head.bias[1] = math.log(math.expm1(scale - 1e-6))
+    return guide
+
+
+def test_the_region_of_a_gaussian_guide_is_its_central_interval():
+    """For q = N(m, s) the region {log q >= tau}, tau the eps-quantile of log q at q's draws,
+    is [m - c s, m + c s] with P(|N(0, 1)| > c) = eps; the truncated prior's draws fill it in
+    proportion to the prior (a Kolmogorov-Smirnov distance within its 1% critical value)."""
+    x = torch.zeros(3)
+    m, s, eps = 1.0, 0.5, 0.05
+    guide = gaussian_guide(normal_model, x, m, s)
+    truncated = TruncatedPrior(normal_model, guide, x, quantile=eps, num_threshold_samples=40000)
+    c = dist.Normal(0.0, 1.0).icdf(torch.tensor(1 - eps / 2)).item()
+    exact_tau = -0.5 * c**2 - math.log(s * math.sqrt(2 * math.pi))
+    # The threshold's Monte-Carlo error: the (1 - eps)-quantile of |Z| from 40,000 draws has
+    # sd sqrt(eps (1 - eps) / n) / (2 phi(c)) = 0.0093, so tau = -c^2 / 2 + const has c times
+    # that, 0.018: the tolerance is 2.7 of those.
+    assert truncated.threshold == pytest.approx(exact_tau, abs=0.05)
+    theta = truncated.sample(20000)["theta"].reshape(-1)
+    low, high = m - c * s, m + c * s
+    assert theta.min() > low - 0.02 and theta.max() < high + 0.02
+    # The prior N(0, 2^2) truncated to [low, high]: its CDF against the draws'.
+    prior = dist.Normal(0.0, PRIOR_SD)
+    a, b = prior.cdf(torch.tensor(low)), prior.cdf(torch.tensor(high))
+    sorted_theta = theta.sort().values.clamp(low, high)
+    expected = (prior.cdf(sorted_theta) - a) / (b - a)
+    empirical = torch.arange(1, len(theta) + 1) / len(theta)
+    ks = (expected - empirical).abs().max().item()
+    assert ks < 1.63 / math.sqrt(len(theta))
+    # The acceptance rate is the prior mass of the region.
+    assert truncated.acceptance_rate == pytest.approx((b - a).item(), abs=0.01)
+
+
+def test_truncated_draws_stay_in_a_bounded_prior_support():
+    def model(x):
+        rate = pyro.sample("rate", dist.LogNormal(0.0, 1.0))
+        shift = pyro.sample("shift", dist.Uniform(-1.0, 1.0))
+        pyro.sample("x", dist.Normal(shift, rate), obs=x)
+
+    x = torch.tensor(0.3)
+    guide = AutoAmortizedNormal(model)
+    guide(x)
+    truncated = TruncatedPrior(model, guide, x, quantile=0.2)
+    draws = truncated.sample(2000)
+    assert draws["rate"].shape == (2000,) + draws["rate"].shape[1:]
+    assert bool((draws["rate"] > 0).all()) and bool((draws["shift"].abs() < 1).all())
+    assert bool(truncated.contains(draws).all())
+    assert 0 < truncated.acceptance_rate < 1
+
+
+def test_a_region_without_prior_mass_is_refused():
+    x = torch.zeros(3)
+    guide = gaussian_guide(normal_model, x, 40.0, 0.1)  # 20 prior sds away
+    truncated = TruncatedPrior(normal_model, guide, x, min_acceptance=1e-3)
+    with pytest.raises(TruncationError, match="acceptance 0.00e\\+00"):
+        truncated.sample(100)
+    with pytest.raises(ValueError, match="quantile"):
+        TruncatedPrior(normal_model, guide, x, quantile=1.0)
+
+
+def test_simulate_at_given_latents():
+    """simulate(latents=...) pairs the given latents with their simulations, chunk by chunk,
+    and checks them."""
+    x = torch.zeros(3)
+    latents = prior_latents(normal_model, (x,), {}, 250, 1)
+    bank = simulate(normal_model, x, num_simulations=250, batch_size=100, latents=latents)
+    assert torch.equal(bank["latents"]["theta"], latents["theta"])
+    residual = bank["observations"]["x"] - bank["latents"]["theta"]
+    assert abs(residual.std().item() - 1.0) < 0.05
+    with pytest.raises(ValueError, match="250 rows"):
+        simulate(normal_model, x, num_simulations=250, latents={"theta": latents["theta"][:9]})
+    with pytest.raises(ValueError, match="latent sites are"):
+        simulate(normal_model, x, num_simulations=250, latents={"mu": latents["theta"]})
+    with pytest.raises(ValueError, match="vectorize=True"):
+        simulate(normal_model, x, num_simulations=250, latents=latents, vectorize=False)
+
+
+@pytest.mark.slow
+def test_sequential_rounds_reach_the_exact_posterior_at_the_observation():
+    """Four rounds of 1,000 simulations on a linear-Gaussian model (2 latents, 3
+    observations): the guide's posterior at x_o has the exact mean within 0.15 sd and a KL
+    to the exact posterior under 0.05 nats; the later rounds' acceptance is reported."""
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, num_data=1, seed=0, dtype=torch.float32)
+    x_o = lg.sample_data(seed=7, num_data=1)
+    mean, cov = lg.posterior_moments(x_o)
+    mean, cov = mean.reshape(2), cov.reshape(2, 2)
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedNormal(lg.model)
+    history = fit_sequential(lg.model, guide, x_o, num_simulations=4000, num_rounds=4)
+    rounds = history["rounds"]
+    assert [r["simulations"] for r in rounds] == [1000] * 4 and history["simulations"] == 4000
+    assert math.isnan(rounds[0]["acceptance_rate"])
+    assert all(0 < r["acceptance_rate"] < 1 for r in rounds[1:])
+    levels = [0.15865525393145707, 0.5, 0.8413447460685429]
+    q = guide.quantiles(levels, x_o)["z"].reshape(3, 2)
+    q_mean, q_sd = q[1], (q[2] - q[0]) / 2
+    sd = cov.diagonal().sqrt()
+    assert ((q_mean - mean).abs() / sd).max() < 0.15
+    kl = gaussian_kl(q_mean.double(), torch.diag(q_sd.double() ** 2), mean.double(), cov.double())
+    assert kl.item() < 0.05
