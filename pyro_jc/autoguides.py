@@ -327,6 +327,17 @@ class AutoAmortizedGuide(PyroModule):
         self._check_set_up("observations")
         return self._read(args, kwargs)
 
+    @torch.no_grad()
+    def embed(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The guide's summary of the observations in ``args``/``kwargs`` (which may carry
+        extra leading dims): the embedding network's output on the standardized observations,
+        the features of every datapoint joined, ``(*leading, features)``. What
+        :func:`~pyro_jc.diagnostics.misspecification_test` compares."""
+        self._check_set_up("embed")
+        context = self._context(args, kwargs)
+        prefix = self._prefix(self._read(args, kwargs))
+        return context.reshape(prefix + (-1,))
+
     def _prefix(self, observations):
         name, x = next(iter(observations.items()))
         ndim = self._obs_layout[name][0]

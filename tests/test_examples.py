@@ -11,6 +11,20 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMOKE_ARGS = {
     "vae_digits.py": ["--num-epochs", "2", "--quiet"],
     "benchmark_elbo.py": ["--rounds", "1", "--steps", "2"],
+    "benchmark_sequential.py": [
+        "--tasks",
+        "two_moons",
+        "--budgets",
+        "200",
+        "--rounds",
+        "2",
+        "--observations",
+        "1",
+        "--c2st-samples",
+        "100",
+        "--threshold-samples",
+        "2000",
+    ],  # fmt: skip
     "benchmark_devices.py": [
         "--batch",
         "64",
@@ -222,3 +236,18 @@ def test_benchmark_devices(capsys):
     for row in rows:
         cpu, cuda, ratio = row.split()[-3:]
         assert float(cpu) > 0 and (cuda != "-") == torch.cuda.is_available()
+
+
+@pytest.mark.slow
+# sbi's sequential methods: nflows' deprecated triangular_solve, sbi's rejection notes.
+@pytest.mark.filterwarnings("ignore::UserWarning:nflows.*")
+@pytest.mark.filterwarnings("ignore::UserWarning:sbi.*")
+def test_benchmark_sequential(tmp_path, capsys):
+    pytest.importorskip("sbi")
+    pytest.importorskip("sbibm")
+    module = load("benchmark_sequential.py")
+    args = module.parse_args(SMOKE_ARGS["benchmark_sequential.py"] + ["--out", str(tmp_path)])
+    rows = module.main(args)
+    assert len(rows) == 1 and set(module.METHODS) <= set(rows[0])
+    assert all(0.0 <= rows[0][m]["c2st"] <= 1.0 for m in module.METHODS)
+    assert "Mean C2ST" in capsys.readouterr().out and (tmp_path / "results.json").exists()

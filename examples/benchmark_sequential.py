@@ -1,0 +1,217 @@
+"""Sequential neural posterior estimation against sbi on sbibm tasks, per observation.
+
+For each task, total simulation budget, observation and seed, four methods train a
+posterior for that one observation and are scored by sbibm's C2ST against its reference
+posterior:
+
+* ``pyro_jc TSNPE``: :func:`pyro_jc.sequential.fit_sequential`, ten rounds of truncated
+  proposals (the prior cut to the guide's highest-density region, quantile 1e-4);
+* ``pyro_jc NPE``: the same in one round on the prior;
+* ``sbi TSNPE``: sbi 0.27's ``NPE`` with ``RestrictedPrior`` and
+  ``get_density_thresholder`` (its documented TSNPE recipe), ten rounds;
+* ``sbi SNPE-C``: sbi's APT (``NPE`` with ``proposal=``, atomic loss, 10 atoms), ten rounds.
+
+Both libraries use the flows of ``benchmark_sbi.py`` (5 spline layers of width 50) and sbi's
+training defaults (batch 200, learning rate 5e-4, patience 20). The time column is the
+training and proposal time, simulation excluded. Methods alternate which goes first.
+
+    python examples/benchmark_sequential.py --tasks two_moons --budgets 1000 10000
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from benchmark_sbi import (  # noqa: E402
+    BATCH_SIZE,
+    FLOWS,
+    HIDDEN,
+    LEARNING_RATE,
+    NUM_TRANSFORMS,
+    PATIENCE,
+    _NoTracker,
+    make_guide,
+    task_model,
+)
+
+from pyro_jc import optim  # noqa: E402
+from pyro_jc.sequential import fit_sequential  # noqa: E402
+
+METHODS = ("pyro_jc TSNPE", "pyro_jc NPE", "sbi TSNPE", "sbi SNPE-C")
+#: sbibm's published mean C2ST of sbi's SNPE (APT), budgets 1k and 10k (Lueckmann et al.).
+PUBLISHED_SNPE = {
+    "two_moons": {1000: 0.643, 10000: 0.554},
+    "gaussian_linear": {1000: 0.577, 10000: 0.528},
+}
+
+
+def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples):
+    guide = make_guide(model, flow)
+    truncation = {} if threshold_samples is None else {"num_threshold_samples": threshold_samples}
+    history = fit_sequential(
+        model,
+        guide,
+        x_o,
+        num_simulations=budget,
+        num_rounds=rounds,
+        optim=optim.Adam({"lr": LEARNING_RATE}),
+        num_particles=BATCH_SIZE,
+        fit_options={"patience": PATIENCE},
+        truncation_options=truncation,
+    )
+    seconds = sum(r["train_seconds"] + r["truncate_seconds"] for r in history["rounds"])
+    samples = guide.sample_posterior(x_o, num_samples=n)["parameters"]
+    return samples, seconds
+
+
+def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples):
+    from sbi.inference import NPE
+    from sbi.neural_nets import posterior_nn
+    from sbi.utils import RestrictedPrior, get_density_thresholder
+
+    prior, simulator = task.get_prior_dist(), task.get_simulator()
+    estimator = posterior_nn(FLOWS[flow][0], hidden_features=HIDDEN, num_transforms=NUM_TRANSFORMS)
+    inference = NPE(
+        prior=prior, density_estimator=estimator, show_progress_bars=False, tracker=_NoTracker()
+    )
+    proposal, seconds = prior, 0.0
+    sizes = [budget // rounds + (r < budget % rounds) for r in range(rounds)]
+    for size in sizes:
+        start = time.perf_counter()
+        theta = proposal.sample((size,))
+        seconds += time.perf_counter() - start
+        x = simulator(theta)  # not timed
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            options = dict(
+                training_batch_size=BATCH_SIZE,
+                learning_rate=LEARNING_RATE,
+                stop_after_epochs=PATIENCE,
+            )
+            if method == "sbi TSNPE":
+                estimator_ = inference.append_simulations(theta, x).train(
+                    force_first_round_loss=True, **options
+                )
+            else:
+                estimator_ = inference.append_simulations(theta, x, proposal=proposal).train(
+                    **options
+                )
+        posterior = inference.build_posterior(estimator_).set_default_x(x_o)
+        if method == "sbi TSNPE":
+            support = (
+                {}
+                if threshold_samples is None
+                else {"num_samples_to_estimate_support": threshold_samples}
+            )
+            threshold = get_density_thresholder(posterior, quantile=1e-4, **support)
+            proposal = RestrictedPrior(prior, threshold, sample_with="rejection")
+        else:
+            proposal = posterior
+        seconds += time.perf_counter() - start
+    return posterior.sample((n,), show_progress_bars=False), seconds
+
+
+def one_observation(task, model, budget, observation, seed, args, order):
+    from sbibm.metrics import c2st
+
+    x_o = task.get_observation(num_observation=observation)[0]
+    reference = task.get_reference_posterior_samples(num_observation=observation)
+    reference = reference[: args.c2st_samples]
+    row = {"task": task.name, "budget": budget, "observation": observation, "seed": seed}
+    for method in order:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        rounds = 1 if method == "pyro_jc NPE" else args.rounds
+        if method.startswith("pyro_jc"):
+            samples, seconds = run_pyro_jc(
+                task, model, x_o, budget, rounds, args.flow, args.c2st_samples,
+                args.threshold_samples,
+            )  # fmt: skip
+        else:
+            samples, seconds = run_sbi(
+                task, x_o, budget, rounds, args.flow, args.c2st_samples, method,
+                args.threshold_samples,
+            )  # fmt: skip
+        row[method] = {"c2st": float(c2st(reference, samples)), "seconds": seconds}
+    return row
+
+
+def table(rows):
+    lines = [f"{'task':16} {'sims':>6} {'runs':>4} " + " ".join(f"{m:>14}" for m in METHODS)]
+    for key in dict.fromkeys((r["task"], r["budget"]) for r in rows):
+        group = [r for r in rows if (r["task"], r["budget"]) == key]
+        c2st = " ".join(f"{statistics.fmean(r[m]['c2st'] for r in group):>14.3f}" for m in METHODS)
+        secs = " ".join(
+            f"{statistics.fmean(r[m]['seconds'] for r in group):>13.1f}s" for m in METHODS
+        )
+        lines.append(f"{key[0]:16} {key[1]:>6} {len(group):>4} {c2st}")
+        lines.append(f"{'  time (mean)':16} {'':>6} {'':>4} {secs}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear"])
+    p.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
+    p.add_argument("--observations", nargs="+", type=int, default=list(range(1, 11)))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--c2st-samples", type=int, default=10000, help="10000 is sbibm's protocol")
+    p.add_argument("--flow", choices=sorted(FLOWS), default="nsf")
+    p.add_argument(
+        "--threshold-samples",
+        type=int,
+        default=None,
+        help="guide draws for the truncation threshold (default: each library's own, "
+        "pyro_jc 100,000, sbi 1,000,000)",
+    )
+    p.add_argument("--out", default="outputs/benchmark_sequential")
+    return p.parse_args(argv)
+
+
+def main(args):
+    import sbibm
+
+    torch.set_num_threads(1)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # pay torch's first-use import
+    rows, k = [], 0
+    for name in args.tasks:
+        task = sbibm.get_task(name)
+        model = task_model(task)
+        for budget in args.budgets:
+            for observation in args.observations:
+                for seed in args.seeds:
+                    order = METHODS if k % 2 == 0 else METHODS[::-1]
+                    k += 1
+                    row = one_observation(task, model, budget, observation, seed, args, order)
+                    rows.append(row)
+                    print(
+                        f"{name} {budget} obs {observation} seed {seed}: "
+                        + ", ".join(f"{m} {row[m]['c2st']:.3f}" for m in METHODS),
+                        flush=True,
+                    )
+    print(f"\nMean C2ST ({args.c2st_samples} samples per side) and training time per run")
+    print(table(rows))
+    for name in args.tasks:
+        published = PUBLISHED_SNPE.get(name, {})
+        if published:
+            print(f"published sbi SNPE (sbibm) {name}: {published}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
