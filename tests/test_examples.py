@@ -25,6 +25,7 @@ SMOKE_ARGS = {
         "--threshold-samples",
         "2000",
     ],  # fmt: skip
+    "sequential_inference.py": ["--num-simulations", "300", "--rounds", "2", "--quiet"],
     "benchmark_devices.py": [
         "--batch",
         "64",
@@ -251,3 +252,14 @@ def test_benchmark_sequential(tmp_path, capsys):
     assert len(rows) == 1 and set(module.METHODS) <= set(rows[0])
     assert all(0.0 <= rows[0][m]["c2st"] <= 1.0 for m in module.METHODS)
     assert "Mean C2ST" in capsys.readouterr().out and (tmp_path / "results.json").exists()
+
+
+def test_sequential_inference(tmp_path):
+    pytest.importorskip("matplotlib")
+    module = load("sequential_inference.py")
+    args = module.parse_args(SMOKE_ARGS["sequential_inference.py"] + ["--out", str(tmp_path)])
+    history, snapshots, p_here, p_far = module.main(args)
+    assert [r["simulations"] for r in history["rounds"]] == [150, 150]
+    assert 0 < history["rounds"][1]["acceptance_rate"] <= 1 and len(snapshots) == 2
+    assert 0 < p_here <= 1 and 0 < p_far <= 1
+    assert (tmp_path / "sequential_rounds.png").exists()
