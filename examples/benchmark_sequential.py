@@ -147,13 +147,13 @@ def one_observation(task, model, budget, observation, seed, args, order):
     return row
 
 
-def table(rows):
-    lines = [f"{'task':16} {'sims':>6} {'runs':>4} " + " ".join(f"{m:>14}" for m in METHODS)]
+def table(rows, methods=METHODS):
+    lines = [f"{'task':16} {'sims':>6} {'runs':>4} " + " ".join(f"{m:>14}" for m in methods)]
     for key in dict.fromkeys((r["task"], r["budget"]) for r in rows):
         group = [r for r in rows if (r["task"], r["budget"]) == key]
-        c2st = " ".join(f"{statistics.fmean(r[m]['c2st'] for r in group):>14.3f}" for m in METHODS)
+        c2st = " ".join(f"{statistics.fmean(r[m]['c2st'] for r in group):>14.3f}" for m in methods)
         secs = " ".join(
-            f"{statistics.fmean(r[m]['seconds'] for r in group):>13.1f}s" for m in METHODS
+            f"{statistics.fmean(r[m]['seconds'] for r in group):>13.1f}s" for m in methods
         )
         lines.append(f"{key[0]:16} {key[1]:>6} {len(group):>4} {c2st}")
         lines.append(f"{'  time (mean)':16} {'':>6} {'':>4} {secs}")
@@ -167,6 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--observations", nargs="+", type=int, default=list(range(1, 11)))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--c2st-samples", type=int, default=10000, help="10000 is sbibm's protocol")
     p.add_argument("--flow", choices=sorted(FLOWS), default="nsf")
     p.add_argument(
@@ -192,17 +193,17 @@ def main(args):
         for budget in args.budgets:
             for observation in args.observations:
                 for seed in args.seeds:
-                    order = METHODS if k % 2 == 0 else METHODS[::-1]
+                    order = args.methods if k % 2 == 0 else args.methods[::-1]
                     k += 1
                     row = one_observation(task, model, budget, observation, seed, args, order)
                     rows.append(row)
                     print(
                         f"{name} {budget} obs {observation} seed {seed}: "
-                        + ", ".join(f"{m} {row[m]['c2st']:.3f}" for m in METHODS),
+                        + ", ".join(f"{m} {row[m]['c2st']:.3f}" for m in args.methods),
                         flush=True,
                     )
     print(f"\nMean C2ST ({args.c2st_samples} samples per side) and training time per run")
-    print(table(rows))
+    print(table(rows, args.methods))
     for name in args.tasks:
         published = PUBLISHED_SNPE.get(name, {})
         if published:

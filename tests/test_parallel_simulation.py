@@ -214,3 +214,28 @@ def test_a_ray_cluster_gives_the_bank_of_one_process():
     kept = info.value.simulations
     assert kept is not None and kept["latents"]["theta"].shape[0] % 80 == 0
     assert bool((kept["latents"]["theta"] <= 3.0).all())
+
+
+def test_workers_simulate_at_given_latents():
+    """simulate(latents=..., num_workers=2): each worker gets its chunk's latents; the bank
+    is the one of one process."""
+    from pyro_jc.joints import prior_latents
+
+    model = numpy_model()
+    latents = prior_latents(model, (torch.zeros(2),), {}, 120, 0)
+    banks = []
+    for workers in (1, 2):
+        pyro.set_rng_seed(4)
+        banks.append(
+            simulate(
+                model,
+                torch.zeros(2),
+                num_simulations=120,
+                batch_size=50,
+                num_workers=workers,
+                latents=latents,
+            )
+        )
+    assert torch.equal(banks[0]["latents"]["theta"], latents["theta"])
+    assert torch.equal(banks[1]["latents"]["theta"], latents["theta"])
+    assert torch.equal(banks[0]["observations"]["x"], banks[1]["observations"]["x"])
