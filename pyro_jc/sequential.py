@@ -86,6 +86,7 @@ class TruncatedPrior:
         self.min_acceptance = min_acceptance
         self.batch_size = batch_size
         layout = ModelLayout(model, args, kwargs)
+        layout.check_observed_shapes()  # one observation: a region is for one x_o
         self._nesting = layout.plate_nesting
         with torch.no_grad():
             draws = guide.sample_posterior(*args, num_samples=num_threshold_samples, **kwargs)

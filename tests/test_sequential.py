@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_jc import AutoAmortizedNormal, simulate
+from pyro_jc import AutoAmortizedNormal, ObservationShapeError, simulate
 from pyro_jc.joints import prior_latents
 from pyro_jc.sequential import TruncatedPrior, TruncationError, fit_sequential
 from pyro_jc.testing import LinearGaussianModel
@@ -89,6 +89,10 @@ def test_a_region_without_prior_mass_is_refused():
         truncated.sample(100)
     with pytest.raises(ValueError, match="quantile"):
         TruncatedPrior(normal_model, guide, x, quantile=1.0)
+    with pytest.raises(ObservationShapeError, match="'x'"):  # a batch of observations
+        TruncatedPrior(normal_model, guide, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cannot be split over 10 rounds"):
+        fit_sequential(normal_model, guide, x, num_simulations=5)
 
 
 def test_simulate_at_given_latents():
