@@ -267,7 +267,8 @@ class SimulationStream:
     :param model: the model; ``args``/``kwargs`` its arguments (they fix plate sizes).
     :param int num: pairs per chunk (one training step's).
     :param int nesting: the model's plate depth.
-    :param int num_workers: worker processes (joblib's loky executor, reused across calls).
+    :param int num_workers: worker processes (joblib's loky executor, reused across calls
+        and shared with :func:`simulate`'s workers).
     :param int prefetch: chunks in flight (default: twice the workers).
     :param bool vectorize: one vectorized model run per chunk (``False``: one per pair).
     """
@@ -276,13 +277,15 @@ class SimulationStream:
         self, model, args, kwargs, num, nesting, num_workers, prefetch=None, vectorize=True
     ):
         try:
-            from joblib.externals.loky import get_reusable_executor
+            from joblib.executor import get_memmapping_executor
         except ImportError as e:
             raise ImportError(
                 "Simulating in worker processes needs joblib, which is not installed: "
                 'pip install "pyro-jc[parallel]".'
             ) from e
-        self._executor = get_reusable_executor(max_workers=num_workers)
+        # joblib's own executor: loky's process-wide reusable one, set up as joblib's
+        # Parallel (used by simulate) expects to find it when it reuses it.
+        self._executor = get_memmapping_executor(num_workers)
         self._job = (model, args, kwargs, nesting, vectorize, num)
         self._prefetch = prefetch or 2 * num_workers
         self._base_seed = int(torch.randint(2**62, ()))

@@ -142,6 +142,21 @@ def test_forward_kl_trains_on_pairs_simulated_in_workers():
     loss._stream[1].close()
 
 
+def test_simulate_with_workers_after_a_simulation_stream():
+    """A SimulationStream (ForwardKL(num_workers=...)) and simulate(num_workers=...) share
+    joblib's reusable executor: either may come first in a process (simulate after a stream
+    failed in joblib's reducers when the stream took loky's executor directly)."""
+    from pyro_jc.simulation import SimulationStream
+
+    model = numpy_model()
+    stream = SimulationStream(model, (torch.zeros(2),), {}, 10, 0, num_workers=2)
+    z, x, _ = next(stream)
+    stream.close()
+    assert x["x"].shape == (10, 2)
+    bank = simulate(model, torch.zeros(2), num_simulations=60, batch_size=20, num_workers=2)
+    assert bank["observations"]["x"].shape == (60, 2)
+
+
 def test_simulation_workers_need_vectorized_particles():
     from pyro_jc import ForwardKL
 
