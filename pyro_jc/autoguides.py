@@ -851,9 +851,11 @@ class AutoAmortizedGuide(PyroModule):
         anneal = torch.optim.lr_scheduler.CosineAnnealingLR(adam, max(num_steps, 1))
         with torch.enable_grad():
             for _ in range(num_steps):
-                adam.zero_grad()
-                # A new tensor each step: the flows' transforms cache by identity.
-                (-self._log_density_u(q_u, u + 0).sum()).backward()
+                # A new tensor each step: the flows' transforms cache by identity. The
+                # gradient is taken for u alone: the guide's own parameters (which a flow's
+                # layers use at each call) keep their .grad as training left it.
+                loss = -self._log_density_u(q_u, u + 0).sum()
+                (u.grad,) = torch.autograd.grad(loss, [u])
                 adam.step()
                 anneal.step()
         return self._from_unconstrained(u.detach())

@@ -26,8 +26,12 @@ class Posterior:
     :param args: the model's arguments carrying the observations (``x_o``); keyword
         arguments likewise.
 
-    >>> # posterior = Posterior(guide, x_o)
-    >>> # draws = posterior.sample(1000); posterior.log_prob(draws); posterior.map()
+    .. code-block:: python
+
+        posterior = Posterior(guide, x_o)
+        draws = posterior.sample(1000)
+        log_q = posterior.log_prob(draws)
+        posterior.map(), posterior.quantiles([0.05, 0.95])
     """
 
     def __init__(self, guide: Any, *args: Any, **kwargs: Any) -> None:

@@ -73,6 +73,8 @@ def test_map_of_a_flow_is_the_maximum_of_its_density_on_a_grid():
     log_q = guide.log_prob({"z": grid}, x)
     mode = guide.map(x, num_steps=400)["z"]
     assert abs(mode - grid[log_q.argmax()]) < 0.01
+    # The guide's parameters are left without gradients (training's next step unchanged).
+    assert all(p.grad is None or not p.grad.abs().any() for p in guide.parameters())
 
 
 @pytest.mark.parametrize("kind", ["normal", "flow"])
