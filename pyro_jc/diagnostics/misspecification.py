@@ -84,6 +84,8 @@ def misspecification_test(
             f"misspecification_test needs num_simulations >= 2 and num_null >= 1; got "
             f"{num_simulations} and {num_null}."
         )
+    if bandwidth is not None and not float(bandwidth) > 0:
+        raise ValueError(f"bandwidth must be positive, got {bandwidth}.")
     observed = guide.embed(*args, **kwargs)
     layout = ModelLayout(model, args, kwargs)
     # Simulate with one observation's arguments: the leading dims of a batch are not the
@@ -95,13 +97,16 @@ def misspecification_test(
     sims_args, sims_kwargs = layout.substitute(bank["observations"], sim_args, sim_kwargs)
     simulated = guide.embed(*sims_args, **sims_kwargs).to(observed)
     reference, null_points = simulated[:num_simulations], simulated[num_simulations:]
+    if len(null_points) == 0:
+        raise ValueError(
+            "misspecification_test: the simulator dropped so many draws as invalid that none "
+            "was left for the null distribution; raise num_simulations and num_null."
+        )
     if bandwidth is None:
         distances = torch.cdist(reference, reference)
         median = float(distances[distances > 0].median()) if (distances > 0).any() else 1.0
         bandwidth = MEDIAN_FACTOR * median
     bandwidth = float(bandwidth)
-    if not bandwidth > 0:
-        raise ValueError(f"bandwidth must be positive, got {bandwidth}.")
 
     def kernel(a, b):
         return torch.exp(-torch.cdist(a, b).square() / (2 * bandwidth**2))
