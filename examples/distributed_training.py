@@ -15,6 +15,7 @@ early stopping on the whole validation split, and the table gives the time per e
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -47,9 +48,10 @@ def main(args):
     guide = AutoAmortizedNormal(problem.model)
     adam = optim.Adam({"lr": args.lr})
     if args.bank:
+        store = bank_store(problem, args, rank, distributed)
         loss = ForwardKL(
             num_particles=args.num_particles // world,
-            simulations=bank_store(problem, args, rank, distributed),
+            simulations=store,
             shard=(rank, world),
             generator=torch.Generator().manual_seed(args.seed),  # one split for all ranks
         )
@@ -82,6 +84,8 @@ def main(args):
         same = all(abs(c - sums[0]) < 1e-6 * max(1.0, abs(sums[0])) for c in sums)
     else:
         same = True
+    if args.bank and not args.store and rank == 0:
+        shutil.rmtree(store.path)  # every rank is past its last read (the gather above)
     if rank == 0:
         print(
             f"{'processes':>9} {'pairs/step':>10} {unit + 's':>7} {'s/' + unit:>8} "
