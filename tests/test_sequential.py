@@ -4,12 +4,13 @@ that reach the exact posterior of a linear-Gaussian model at the observation."""
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_jc import AutoAmortizedNormal, ObservationShapeError, simulate
+from pyro_jc import AutoAmortizedNormal, Implicit, ObservationShapeError, simulate
 from pyro_jc.joints import prior_latents
 from pyro_jc.sequential import TruncatedPrior, TruncationError, fit_sequential
 from pyro_jc.testing import LinearGaussianModel
@@ -135,3 +136,44 @@ def test_sequential_rounds_reach_the_exact_posterior_at_the_observation():
     assert ((q_mean - mean).abs() / sd).max() < 0.15
     kl = gaussian_kl(q_mean.double(), torch.diag(q_sd.double() ** 2), mean.double(), cov.double())
     assert kl.item() < 0.05
+
+
+def _shift_and_mark(loc, mark, rng=None):
+    """A numpy simulator, one draw per call: three N(loc, 1) readings and a noisy mark."""
+    rng = np.random.default_rng() if rng is None else rng
+    return np.concatenate([loc + rng.standard_normal(3), [mark + 0.1 * rng.standard_normal()]])
+
+
+def two_site_model(x):
+    loc = pyro.sample("loc", dist.Normal(0.0, PRIOR_SD))
+    mark = pyro.sample("mark", dist.Uniform(0.0, 1.0))
+    simulator = Implicit(_shift_and_mark, loc, mark, event_shape=(4,), vectorized=False, numpy=True)
+    pyro.sample("x", simulator, obs=x)
+
+
+def test_rounds_with_two_sites_a_bounded_prior_and_a_numpy_simulator():
+    """fit_sequential on an implicit likelihood (a one-draw numpy simulator) with an
+    unbounded and a bounded latent: each round's draws stay in the prior's support and the
+    guide's posterior of ``loc`` at x_o is the exact conjugate one, N(sum(x) / (3 + 1/4),
+    1 / (3 + 1/4)), within 0.15 sd."""
+    x_o = torch.tensor([0.8, 1.6, 1.1, 0.3])
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedNormal(two_site_model)
+    seen = []
+
+    def record(r, guide_, history):
+        seen.append(r)
+
+    history = fit_sequential(
+        two_site_model, guide, x_o, num_simulations=3000, num_rounds=3, callback=record
+    )
+    assert seen == [1, 2, 3] and history["simulations"] == 3000
+    assert all(0 < r["acceptance_rate"] < 1 for r in history["rounds"][1:])
+    draws = guide.sample_posterior(x_o, num_samples=20000)
+    assert bool(((draws["mark"] > 0) & (draws["mark"] < 1)).all())
+    precision = 3 + 1 / PRIOR_SD**2
+    mean, sd = x_o[:3].sum().item() / precision, precision**-0.5
+    assert abs(draws["loc"].mean().item() - mean) < 0.15 * sd
+    assert draws["loc"].std().item() == pytest.approx(sd, rel=0.1)
+    # The mark's posterior: the prior on (0, 1) times N(0.3, 0.1) has its median near 0.3.
+    assert draws["mark"].median().item() == pytest.approx(0.3, abs=0.05)
