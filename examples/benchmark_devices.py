@@ -16,48 +16,21 @@ out where no GPU is present. ``make gpu-check`` runs it after the device-paramet
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyro  # noqa: E402
-import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from pyro.infer import SVI  # noqa: E402
-from pyro.nn import PyroModule  # noqa: E402
-from torch import nn  # noqa: E402
+from vae_digits import VAE  # noqa: E402
 
 from pyro_jc import AutoAmortizedFlow, ForwardKL, JointContrastiveELBO, optim  # noqa: E402
 from pyro_jc.diagnostics import c2st  # noqa: E402
 from pyro_jc.testing import LinearGaussianModel  # noqa: E402
-
-
-def mlp(sizes):
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-class VAE(PyroModule):
-    def __init__(self, x_dim=784, z_dim=16, hidden=512):
-        super().__init__()
-        self.z_dim = z_dim
-        self.decoder = mlp([z_dim, hidden, hidden, x_dim])
-        self.encoder = mlp([x_dim, hidden, hidden, 2 * z_dim])
-
-    def model(self, x):
-        pyro.module("decoder", self.decoder)
-        with pyro.plate("data", x.shape[0]):
-            prior = dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1)
-            z = pyro.sample("z", prior)
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
-
-    def guide(self, x):
-        pyro.module("encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, log_scale = self.encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
 
 
 def vae_step(device, batch):
@@ -66,7 +39,7 @@ def vae_step(device, batch):
     pyro.set_rng_seed(0)
     x = (torch.rand(batch, 784, generator=torch.Generator().manual_seed(0)) < 0.3).float()
     x = x.to(device)
-    vae = VAE().to(device)
+    vae = VAE(x_dim=784, z_dim=16, hidden=512).to(device)
     svi = SVI(vae.model, vae.guide, optim.Adam({"lr": 1e-3}), JointContrastiveELBO())
     svi.step(x)
     return lambda: svi.step(x)
