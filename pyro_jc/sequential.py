@@ -23,8 +23,9 @@ M. Nonnenmacher, J. H. Macke (2019)
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -153,8 +154,8 @@ def fit_sequential(
     model: Callable,
     guide: Any,
     *args: Any,
-    num_simulations: int,
-    num_rounds: int = 10,
+    num_simulations: int | Sequence[int],
+    num_rounds: int | None = None,
     optim: Any = None,
     quantile: float = 1e-4,
     num_particles: int = 200,
@@ -169,17 +170,20 @@ def fit_sequential(
     """Train an amortized ``guide`` on ``model``'s posterior at the observations in ``args``
     in ``num_rounds`` rounds of truncated sequential NPE (see the module's description).
 
-    The budget ``num_simulations`` is split evenly over the rounds (sbibm's protocol: ten
-    rounds). Each round trains :class:`~pyro_jc.ForwardKL` on the pairs of all rounds so far
-    with :meth:`~pyro_jc.ForwardKL.fit` (early stopping on a validation split), and the
-    guide's standardization is fitted once, from round 1's prior simulations.
+    The budget ``num_simulations`` is split evenly over ``num_rounds`` rounds (sbibm's
+    protocol: ten), or given per round as a sequence. Each round trains
+    :class:`~pyro_jc.ForwardKL` on the pairs of all rounds so far with
+    :meth:`~pyro_jc.ForwardKL.fit` (early stopping on a validation split), and the guide's
+    standardization is fitted once, from round 1's prior simulations.
 
     :param model: the Pyro model (any model :func:`~pyro_jc.simulate` takes: several latent
         sites, bounded priors, implicit likelihoods).
     :param guide: the amortized guide to train.
     :param args: the model's arguments, with the observations ``x_o`` where the data go.
-    :param int num_simulations: the total simulation budget.
-    :param int num_rounds: rounds (1: one-round NPE on the prior).
+    :param num_simulations: the total simulation budget (an int), or the simulations of
+        each round (a sequence of ints: ``[1000, 250, 250]`` spends more on the prior).
+    :param int num_rounds: rounds for an int budget (default 10; 1: one-round NPE on the
+        prior).
     :param optim: the optimizer (default: ``pyro_jc.optim.Adam({"lr": 1e-3})``).
     :param float quantile: the region's excluded guide mass (see :class:`TruncatedPrior`).
     :param int num_particles: pairs per training step.
@@ -196,20 +200,11 @@ def fit_sequential(
         truncating, simulating and training (``truncate_seconds``, ``simulate_seconds``,
         ``train_seconds``); ``"simulations"``, the total.
     """
-    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-        raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}.")
-    if num_simulations < num_rounds:
-        raise ValueError(
-            f"num_simulations={num_simulations} cannot be split over {num_rounds} rounds."
-        )
+    sizes = _round_sizes(num_simulations, num_rounds)
     if optim is None:
         from . import optim as jc_optim
 
         optim = jc_optim.Adam({"lr": 1e-3})
-    sizes = [
-        num_simulations // num_rounds + (r < num_simulations % num_rounds)
-        for r in range(num_rounds)
-    ]
     banks, history = [], {"rounds": [], "simulations": 0}
     for r, size in enumerate(sizes):
         entry = {"round": r + 1, "acceptance_rate": math.nan, "threshold": -math.inf}
@@ -248,6 +243,43 @@ def fit_sequential(
         if callback is not None:
             callback(r + 1, guide, history)
     return history
+
+
+def _is_count(n):
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
+def _round_sizes(num_simulations, num_rounds):
+    """The simulations of each round, from a total and a number of rounds or a sequence."""
+    if isinstance(num_simulations, Sequence):
+        sizes = list(num_simulations)
+        if not sizes or not all(_is_count(n) for n in sizes):
+            raise ValueError(
+                "num_simulations as a sequence gives each round's simulations: positive ints, "
+                f"got {num_simulations!r}."
+            )
+        if num_rounds is not None and num_rounds != len(sizes):
+            raise ValueError(
+                f"num_rounds={num_rounds} disagrees with the {len(sizes)} rounds of "
+                "num_simulations; give one or the other."
+            )
+        return [int(n) for n in sizes]
+    num_rounds = 10 if num_rounds is None else num_rounds
+    if not _is_count(num_rounds):
+        raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}.")
+    if not _is_count(num_simulations):
+        raise ValueError(
+            f"num_simulations must be a positive int or a sequence of them, got "
+            f"{num_simulations!r}."
+        )
+    if num_simulations < num_rounds:
+        raise ValueError(
+            f"num_simulations={num_simulations} cannot be split over {num_rounds} rounds."
+        )
+    return [
+        num_simulations // num_rounds + (r < num_simulations % num_rounds)
+        for r in range(num_rounds)
+    ]
 
 
 def _joined(banks):

@@ -94,6 +94,22 @@ def test_a_region_without_prior_mass_is_refused():
         TruncatedPrior(normal_model, guide, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="cannot be split over 10 rounds"):
         fit_sequential(normal_model, guide, x, num_simulations=5)
+    with pytest.raises(ValueError, match="num_rounds=2 disagrees with the 3 rounds"):
+        fit_sequential(normal_model, guide, x, num_simulations=[9, 9, 9], num_rounds=2)
+    for bad in ([], [100, 0], [100, 2.5], "100", 0, 10.0):
+        with pytest.raises(ValueError, match="num_simulations"):
+            fit_sequential(normal_model, guide, x, num_simulations=bad)
+
+
+def test_rounds_of_given_sizes():
+    """A sequence of per-round simulations sets the rounds; numpy ints count as ints."""
+    x = torch.tensor([0.5, -0.2, 0.1])
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedNormal(normal_model)
+    sizes = [300, np.int64(100), 120]
+    history = fit_sequential(normal_model, guide, x, num_simulations=sizes, max_epochs=5)
+    assert [r["simulations"] for r in history["rounds"]] == [300, 100, 120]
+    assert history["simulations"] == 520
 
 
 def test_simulate_at_given_latents():
