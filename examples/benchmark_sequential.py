@@ -186,6 +186,8 @@ def main(args):
 
     torch.set_num_threads(1)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # pay torch's first-use import
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows, k = [], 0
     for name in args.tasks:
         task = sbibm.get_task(name)
@@ -197,6 +199,8 @@ def main(args):
                     k += 1
                     row = one_observation(task, model, budget, observation, seed, args, order)
                     rows.append(row)
+                    # Written per row: a run stopped part-way keeps what it measured.
+                    (out / "results.json").write_text(json.dumps(rows, indent=1))
                     print(
                         f"{name} {budget} obs {observation} seed {seed}: "
                         + ", ".join(f"{m} {row[m]['c2st']:.3f}" for m in args.methods),
@@ -208,9 +212,6 @@ def main(args):
         published = PUBLISHED_SNPE.get(name, {})
         if published:
             print(f"published sbi SNPE (sbibm) {name}: {published}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
