@@ -71,9 +71,10 @@ class NoiseFedGuide(GaussianGuide):
             pyro.sample("z", z)
 
 
-def train(lg, guide, steps, **kwargs):
+def train(lg, guide, steps, lrd=1.0, **kwargs):
+    """``steps`` SVI steps at a learning rate of 3e-3 times ``lrd`` per step."""
     adversarial = AdversarialELBO(**kwargs)
-    svi = SVI(lg.model, guide, pyro.optim.Adam({"lr": 3e-3}), adversarial)
+    svi = SVI(lg.model, guide, pyro.optim.ClippedAdam({"lr": 3e-3, "lrd": lrd}), adversarial)
     for _ in range(steps):
         svi.step(fresh_data(lg))
     return adversarial
@@ -89,9 +90,12 @@ def guide_kl(lg, guide):
     "guide_class", [GaussianGuide, NoiseFedGuide], ids=["explicit", "implicit"]
 )
 def test_full_covariance_guide_reaches_the_exact_posterior(guide_class):
+    # The rate decays to 0.14 of its start: at a constant rate the last iterate carries the
+    # discriminator's noise (the noise-fed guide read KL 0.011-0.065 over seeds 0-3, with
+    # the decay 0.0013-0.0031; the explicit guide 0.0007-0.0022 and 0.0003-0.0005).
     lg = LinearGaussian()
     guide = guide_class()
-    train(lg, guide, 2000)
+    train(lg, guide, 2000, lrd=0.999)
     assert guide_kl(lg, guide) < 0.01
     with torch.no_grad():
         cov = guide.scale_tril @ guide.scale_tril.T
@@ -111,7 +115,7 @@ def test_mean_field_guide_lands_on_the_mean_field_optimum():
     # (posterior correlation -0.89).
     lg = LinearGaussian(A=((1.0, 1.0), (1.0, 0.8), (0.5, 0.6)))
     guide = GaussianGuide(mean_field=True)
-    train(lg, guide, 2000)
+    train(lg, guide, 2000, lrd=0.999)
     with torch.no_grad():
         sd = guide.scale_tril.diagonal()
         optimum = lg.precision.diagonal().rsqrt()

@@ -53,10 +53,12 @@ def test_well_specified_observations_are_flagged_at_the_nominal_rate(trained):
 
 
 def test_observations_from_a_shifted_simulator_are_flagged(trained):
-    """The simulator shifted by 5 (about 4.5 predictive sds per coordinate): flagged at 5%
-    in at least 38 of 40 seeds (100 of 100 when measured)."""
+    """The simulator shifted by 7 (about 6.3 predictive sds per coordinate): flagged at 5%
+    in at least 38 of 40 seeds (40 of 40 when measured, the largest p-value 0.01). At a
+    shift of 5 the power depends on the guide's training: 94 and 100 of 100 measured in two
+    environments, too close to the bound for a seeded test."""
     lg, guide = trained
-    p = p_values(lg, guide, 5.0, range(40))
+    p = p_values(lg, guide, 7.0, range(40))
     assert (p < 0.05).sum().item() >= 38
 
 

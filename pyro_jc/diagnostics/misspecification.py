@@ -18,8 +18,9 @@ __all__ = ["MisspecificationResult", "misspecification_test"]
 #: embeddings. One observation against a set makes the statistic a density-like score, and
 #: the median-width kernel of two-sample tests between sets is too wide for it: on a
 #: linear-Gaussian model (3 observations, a 64-wide embedding), observations shifted by 5
-#: (4.5 predictive sds) were flagged at 5% in 83 of 100 seeds with the median, in 100 of 100
-#: with a quarter of it (false alarms 4 and 5 of 100 unshifted).
+#: (4.5 predictive sds) were flagged at 5% in 83 of 100 seeds with the median, in 94 to 100
+#: of 100 (two trainings of the guide) with a quarter of it (false alarms 4 and 5 of 100
+#: unshifted).
 MEDIAN_FACTOR = 0.25
 
 
