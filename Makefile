@@ -40,7 +40,7 @@ docs: setup
 # The whole suite, slow statistical runs included (`make quick` leaves them out), then the
 # unit tier on the lowest declared versions.
 test: lint docs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	$(MAKE) test-lowest
 
 quick: setup
