@@ -171,7 +171,8 @@ def test_rounds_with_two_sites_a_bounded_prior_and_a_numpy_simulator():
     """fit_sequential on an implicit likelihood (a one-draw numpy simulator) with an
     unbounded and a bounded latent: each round's draws stay in the prior's support and the
     guide's posterior of ``loc`` at x_o is the exact conjugate one, N(sum(x) / (3 + 1/4),
-    1 / (3 + 1/4)), within 0.15 sd."""
+    1 / (3 + 1/4)), within the seed-to-seed error of 3,000 simulations (seeds 0-5: mean
+    errors -0.09 to 0.14 sd, sd ratios 0.93 to 1.02; 0.22 sd on the lowest versions)."""
     x_o = torch.tensor([0.8, 1.6, 1.1, 0.3])
     pyro.set_rng_seed(0)
     guide = AutoAmortizedNormal(two_site_model)
@@ -189,7 +190,12 @@ def test_rounds_with_two_sites_a_bounded_prior_and_a_numpy_simulator():
     assert bool(((draws["mark"] > 0) & (draws["mark"] < 1)).all())
     precision = 3 + 1 / PRIOR_SD**2
     mean, sd = x_o[:3].sum().item() / precision, precision**-0.5
-    assert abs(draws["loc"].mean().item() - mean) < 0.15 * sd
-    assert draws["loc"].std().item() == pytest.approx(sd, rel=0.1)
-    # The mark's posterior: the prior on (0, 1) times N(0.3, 0.1) has its median near 0.3.
-    assert draws["mark"].median().item() == pytest.approx(0.3, abs=0.05)
+    assert abs(draws["loc"].mean().item() - mean) < 0.35 * sd
+    assert draws["loc"].std().item() == pytest.approx(sd, rel=0.15)
+    # The mark's posterior is N(0.3, 0.1) on (0, 1); the guide's family, a normal in logit
+    # space, has its forward-KL optimum at the median sigmoid(E[logit mark]) = 0.288 (seeds
+    # 0-5 read 0.267 to 0.312).
+    grid = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
+    weight = torch.exp(-0.5 * ((grid - 0.3) / 0.1) ** 2)
+    optimum = torch.sigmoid((weight * torch.logit(grid)).sum() / weight.sum()).item()
+    assert draws["mark"].median().item() == pytest.approx(optimum, abs=0.06)
