@@ -56,7 +56,10 @@ def test_fresh_numpy_simulations_train_a_guide_on_the_data_device(device):
     bank = simulate(numpy_model, x, num_simulations=50)
     assert bank["observations"]["x"].device.type == device.type
     guide = AutoAmortizedNormal(numpy_model)
-    svi = SVI(numpy_model, guide, jc_optim.Adam({"lr": 1e-2}), ForwardKL(num_particles=256))
+    # The rate decays (to 0.13 of its start) so that the last iterate is not dominated by
+    # the step noise: at a constant 1e-2 the posterior sd missed the bound in 1 of 7 seeds.
+    optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.995})
+    svi = SVI(numpy_model, guide, optim, ForwardKL(num_particles=256))
     for _ in range(400):
         svi.step(x)
     assert all(p.device.type == device.type for p in guide.parameters())

@@ -17,6 +17,11 @@ from pyro_jc import AutoAmortizedFlow, AutoAmortizedNormal, ForwardKL, JointCont
 from pyro_jc.testing import BetaBernoulliModel, LinearGaussianModel
 
 PROBLEM = BetaBernoulliModel(2.0, 3.0, num_data=20, seed=0)
+# The bound on a trained guide's posterior mean (posterior sd 0.09). After 300 steps of 100
+# fresh pairs, seeds 0-11 read errors with an sd of 0.022 at a constant rate (0.015 with a
+# decaying one): the amortization error of 30,000 simulations (4000 draws add 0.0015).
+# Four of those sds; an untrained guide is off by 0.14 or more.
+MEAN_TOLERANCE = 0.06
 
 
 def _train(guide, steps, lr=1e-2):
@@ -37,8 +42,7 @@ def test_a_second_guide_trains_on_the_stored_parameters():
     _train(first, 300)
     second = AutoAmortizedNormal(PROBLEM.model)
     losses = _train(second, 100)
-    # The posterior sd is 0.09; 4000 draws give a Monte-Carlo error of 0.0015.
-    assert _posterior_mean(second) == pytest.approx(exact.mean.item(), abs=0.03)
+    assert _posterior_mean(second) == pytest.approx(exact.mean.item(), abs=MEAN_TOLERANCE)
     assert sum(losses[-20:]) / 20 < -0.5  # trained level (untrained: above 0)
     stored = {id(p) for _, p in pyro.get_param_store().named_parameters()}
     assert {id(p) for p in second.parameters()} <= stored
@@ -107,7 +111,7 @@ def test_param_store_save_and_load_resume_in_a_fresh_process(kind, tmp_path):
     assert loss_loaded == pytest.approx(loss_saved, abs=0.05)  # 2000 fresh pairs each
     if kind != "maf":  # an untrained guide reads 0.5 or so; the exact mean is 0.36
         exact = PROBLEM.posterior(PROBLEM.data)["p"].mean.item()
-        assert mean_loaded == pytest.approx(exact, abs=0.03)
+        assert mean_loaded == pytest.approx(exact, abs=MEAN_TOLERANCE)
 
 
 @pytest.mark.parametrize("style", ["svi", "torch"])
@@ -118,19 +122,25 @@ def test_module_local_params_train(style):
     exact = PROBLEM.posterior(PROBLEM.data)["p"].mean.item()
     with pyro.settings.context(module_local_params=True):
         guide = AutoAmortizedNormal(PROBLEM.model)
+        # The rate decays (to 0.22 of its start) to damp the last iterate's step noise.
         if style == "svi":
-            _train(guide, 300)
+            optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.995})
+            svi = SVI(PROBLEM.model, guide, optim, ForwardKL(num_particles=100))
+            for _ in range(300):
+                svi.step(PROBLEM.data)
         else:
             loss = ForwardKL(num_particles=100)(PROBLEM.model, guide)
             loss(PROBLEM.data)  # sets the guide up
             optim = torch.optim.Adam(loss.parameters(), lr=1e-2)
+            decay = torch.optim.lr_scheduler.ExponentialLR(optim, gamma=0.995)
             for _ in range(300):
                 optim.zero_grad()
                 loss(PROBLEM.data).backward()
                 optim.step()
+                decay.step()
         assert len(pyro.get_param_store()) == 0
         mean = _posterior_mean(guide)
-    assert mean == pytest.approx(exact, abs=0.03)
+    assert mean == pytest.approx(exact, abs=MEAN_TOLERANCE)
 
 
 def _exact_normal_guide(lg, x):
@@ -225,7 +235,7 @@ def test_forward_kl_one_pair_at_a_time_trains_the_autoguide():
     for _ in range(300):
         svi.step(PROBLEM.data)
     exact = PROBLEM.posterior(PROBLEM.data)["p"].mean.item()
-    assert _posterior_mean(guide) == pytest.approx(exact, abs=0.03)
+    assert _posterior_mean(guide) == pytest.approx(exact, abs=MEAN_TOLERANCE)
 
 
 @pytest.mark.slow
