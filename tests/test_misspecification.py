@@ -15,11 +15,12 @@ from pyro_jc.testing import LinearGaussianModel
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(request):
     """A linear-Gaussian model (2 latents, 3 observations) and an amortized guide trained on
     it (the embedding the test compares in)."""
     lg = LinearGaussianModel.random(2, 3, sigma=0.5, num_data=1, seed=0, dtype=torch.float32)
-    pyro.set_rng_seed(0)
+    # Set up before the tests' own seeding: the seed of pytest --rng-seed.
+    pyro.set_rng_seed(request.config.getoption("--rng-seed"))
     guide = AutoAmortizedNormal(lg.model)
     svi = SVI(lg.model, guide, jc_optim.Adam({"lr": 1e-2}), ForwardKL(num_particles=256))
     for _ in range(300):
