@@ -91,7 +91,10 @@ def test_trained_guide_recovers_linear_gaussian_posterior(device):
     guide = LinearGuide(2, 3, device=device)
     model = single_model(lg)
     x_obs = lg.sample_data(3, 1)[0]
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), ForwardKL(num_particles=256))
+    # The rate decays (to 0.05 of its start): at a constant one the last iterate carries
+    # the step noise (seed 1 missed a bound).
+    optim = pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.998})
+    svi = SVI(model, guide, optim, ForwardKL(num_particles=256))
     for _ in range(1500):
         svi.step(x_obs)
     # Forward KL with a diagonal guide matches the posterior marginals.
