@@ -617,10 +617,12 @@ def test_num_particles_average_guide_draws_per_datapoint():
         adversarial = AdversarialELBO(num_particles=p, learning_rate=0.0, warmup_steps=0)
         adversarial.loss(lg.model, counted, x)  # set up
         calls.clear()
-        values[p] = [adversarial.loss(lg.model, counted, x) / N for _ in range(20)]
-        assert len(calls) == 20 * p
+        values[p] = [adversarial.loss(lg.model, counted, x) / N for _ in range(100)]
+        assert len(calls) == 100 * p
     # The residual alone (a zero network) at the exact posterior: each estimate scatters
-    # around 0; averaging 8 draws per datapoint shrinks the scatter.
+    # around 0; averaging 8 draws per datapoint shrinks the scatter by 8^-1/2 = 0.35 (0.34
+    # measured over 300 estimates each). From 100 estimates each the log of the ratio has an
+    # sd of 0.1, so 0.6 is five of them away (20 estimates made it 2.3, and seed 2 failed).
     spread = {p: torch.tensor(v).std().item() for p, v in values.items()}
     assert spread[8] < 0.6 * spread[1]
 

@@ -402,24 +402,30 @@ def test_box_guide_density_of_its_own_draws_and_replayed_values_agree():
     """Two box coordinates (the autoregressive box layer): log q at the guide's draws equals
     log q at the same values replayed, and the draws are differentiable in the box layer's
     parameters (reparameterized ELBOs)."""
-    # In float64: random layers put some draws within float32's resolution of a face, where
-    # the inverse map (the replayed path) cannot recover them to 1e-3 in log density.
+    # In float64, with random layers of weights of sd 0.05: a draw within the dtype's
+    # resolution of a face has lost its pre-image, and the inverse map (the replayed path)
+    # cannot recover it. Weights of sd 0.2 put such draws in most seeds (in float64 too,
+    # log q off by up to 5.5 nats); with 0.05 seeds 0-7 agree to 2e-5 over 300 draws each.
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         guide = GUIDES["box"](box_model)
-        x = torch.tensor([[0.9, 0.2], [0.1, 1.0], [0.5, 0.5]])  # a batch of three observations
+        # a batch of 300 observations
+        x = torch.tensor([[0.9, 0.2], [0.1, 1.0], [0.5, 0.5]]).repeat(100, 1)
         guide(x[0])  # set up with the model's own arguments: one observation
         for p in guide.parameters():
-            torch.nn.init.normal_(p, std=0.2)
+            torch.nn.init.normal_(p, std=0.05)
         trace = poutine.trace(guide).get_trace(x)
         theta = trace.nodes["theta"]["value"]
         replayed = poutine.trace(poutine.condition(guide, {"theta": theta.detach()})).get_trace(x)
     finally:
         torch.set_default_dtype(default)
-    own, again = trace.log_prob_sum(), replayed.log_prob_sum()
-    assert theta.shape == (3, 2) and theta.dtype == torch.float64
-    assert torch.isfinite(own) and own.item() == pytest.approx(again.item(), abs=1e-3)
+    trace.compute_log_prob()
+    replayed.compute_log_prob()
+    own, again = trace.nodes["theta"]["log_prob"], replayed.nodes["theta"]["log_prob"]
+    assert theta.shape == (300, 2) and theta.dtype == torch.float64
+    assert torch.isfinite(own).all()
+    assert torch.allclose(own, again, rtol=0, atol=1e-3)
     theta.sum().backward()
     assert guide.box_layer.conditioner.layers[-1].weight.grad.abs().sum() > 0
 
