@@ -206,7 +206,10 @@ def test_integer_observations_train_an_autoguide():
 
     x = torch.tensor([3, 1, 4, 1, 5])
     guide = AutoAmortizedNormal(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), ForwardKL(num_particles=100))
+    # 500 pairs a step and a decaying rate: seeds 0-9 read mean errors of sd 0.07 (largest
+    # 0.14); with 100 pairs at a constant rate, sd 0.15 (largest 0.43) against the bound.
+    optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.995})
+    svi = SVI(model, guide, optim, ForwardKL(num_particles=500))
     for _ in range(300):
         svi.step(x)
     mean = guide.sample_posterior(x, num_samples=4000)["rate"].mean().item()
