@@ -22,6 +22,7 @@ M. Nonnenmacher, J. H. Macke (2019)
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import time
@@ -157,6 +158,7 @@ def fit_sequential(
     num_simulations: int | Sequence[int],
     num_rounds: int | None = None,
     optim: Any = None,
+    fresh_optimizer: bool = True,
     quantile: float = 1e-4,
     num_particles: int = 200,
     max_epochs: int | None = None,
@@ -185,6 +187,11 @@ def fit_sequential(
     :param int num_rounds: rounds for an int budget (default 10; 1: one-round NPE on the
         prior).
     :param optim: the optimizer (default: ``pyro_jc.optim.Adam({"lr": 1e-3})``).
+    :param bool fresh_optimizer: start each round with a fresh copy of ``optim`` (its
+        moment estimates reset, as sbi creates a new optimizer for each round), leaving
+        ``optim`` itself unstepped; ``False`` carries one optimizer's state through the
+        rounds. Fresh copies train better: on sbibm's ``two_moons`` at 1,000 simulations
+        they lowered the reference cross-entropy in 18 of 20 runs (see the benchmarks page).
     :param float quantile: the region's excluded guide mass (see :class:`TruncatedPrior`).
     :param int num_particles: pairs per training step.
     :param int max_epochs: bounds each round's training (default: early stopping only).
@@ -205,6 +212,13 @@ def fit_sequential(
         from . import optim as jc_optim
 
         optim = jc_optim.Adam({"lr": 1e-3})
+    if fresh_optimizer and optim.get_state():
+        # A copy of a stepped optimizer would copy the parameters its state refers to.
+        raise ValueError(
+            "fit_sequential(fresh_optimizer=True) gives each round a fresh copy of optim, "
+            "which must not have stepped yet: pass a new optimizer, or "
+            "fresh_optimizer=False to go on with this one's state."
+        )
     banks, history = [], {"rounds": [], "simulations": 0}
     for r, size in enumerate(sizes):
         entry = {"round": r + 1, "acceptance_rate": math.nan, "threshold": -math.inf}
@@ -233,7 +247,7 @@ def fit_sequential(
         entry["simulations"] = len(next(iter(bank["observations"].values())))
         history["simulations"] += entry["simulations"]
         loss = ForwardKL(num_particles=num_particles, simulations=_joined(banks))
-        svi = SVI(model, guide, optim, loss)
+        svi = SVI(model, guide, copy.deepcopy(optim) if fresh_optimizer else optim, loss)
         start = time.perf_counter()
         fitted = loss.fit(svi, *args, max_epochs=max_epochs, **(fit_options or {}), **kwargs)
         entry["train_seconds"] = time.perf_counter() - start

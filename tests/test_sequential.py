@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pyro_jc import AutoAmortizedNormal, Implicit, ObservationShapeError, simulate
+from pyro_jc import optim as jc_optim
 from pyro_jc.joints import prior_latents
 from pyro_jc.sequential import TruncatedPrior, TruncationError, fit_sequential
 from pyro_jc.testing import LinearGaussianModel
@@ -109,6 +110,25 @@ def test_rounds_of_given_sizes():
     history = fit_sequential(normal_model, guide, x, num_simulations=sizes, max_epochs=5)
     assert [r["simulations"] for r in history["rounds"]] == [300, 100, 120]
     assert history["simulations"] == 520
+
+
+def test_each_round_starts_from_a_fresh_copy_of_the_optimizer():
+    """fresh_optimizer=True steps copies of optim (which stays unstepped), False steps optim
+    itself; a stepped optim cannot be copied fresh and is refused."""
+    x = torch.tensor([0.5, -0.2, 0.1])
+    optim = jc_optim.Adam({"lr": 1e-3})
+    guide = AutoAmortizedNormal(normal_model)
+    fit_sequential(normal_model, guide, x, num_simulations=[200, 100], max_epochs=2, optim=optim)
+    assert optim.get_state() == {}
+    pyro.clear_param_store()
+    guide = AutoAmortizedNormal(normal_model)
+    fit_sequential(
+        normal_model, guide, x, num_simulations=[200, 100], max_epochs=2, optim=optim,
+        fresh_optimizer=False,
+    )  # fmt: skip
+    assert optim.get_state()["names"]
+    with pytest.raises(ValueError, match="fresh_optimizer=False"):
+        fit_sequential(normal_model, guide, x, num_simulations=[200, 100], optim=optim)
 
 
 def test_simulate_at_given_latents():
