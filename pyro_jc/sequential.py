@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from pyro.infer import SVI
+from pyro.optim import PyroOptim
 
 from .errors import JointContrastiveError
 from .forward_kl import ForwardKL
@@ -212,6 +213,11 @@ def fit_sequential(
         from . import optim as jc_optim
 
         optim = jc_optim.Adam({"lr": 1e-3})
+    if not isinstance(optim, PyroOptim):
+        raise ValueError(
+            "fit_sequential: optim must be a Pyro optimizer (pyro.optim.Adam, "
+            f"pyro_jc.optim.Adam, ...), got {type(optim).__name__}."
+        )
     if fresh_optimizer and optim.get_state():
         # A copy of a stepped optimizer would copy the parameters its state refers to.
         raise ValueError(

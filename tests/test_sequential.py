@@ -112,14 +112,28 @@ def test_rounds_of_given_sizes():
     assert history["simulations"] == 520
 
 
-def test_each_round_starts_from_a_fresh_copy_of_the_optimizer():
-    """fresh_optimizer=True steps copies of optim (which stays unstepped), False steps optim
-    itself; a stepped optim cannot be copied fresh and is refused."""
+def test_each_round_starts_from_a_fresh_copy_of_the_optimizer(monkeypatch):
+    """fresh_optimizer=True gives each round its own unstepped copy of optim (which stays
+    unstepped), False steps optim itself; a stepped optim cannot be copied fresh and is
+    refused, and an optimizer that is not Pyro's is named."""
+    import pyro_jc.sequential as sequential
+
+    handed = []  # each round's optimizer, and whether it had stepped when SVI got it
+
+    def recording_svi(model, guide, optim, loss):
+        handed.append((optim, bool(optim.get_state())))
+        return pyro.infer.SVI(model, guide, optim, loss)
+
+    monkeypatch.setattr(sequential, "SVI", recording_svi)
     x = torch.tensor([0.5, -0.2, 0.1])
     optim = jc_optim.Adam({"lr": 1e-3})
     guide = AutoAmortizedNormal(normal_model)
     fit_sequential(normal_model, guide, x, num_simulations=[200, 100], max_epochs=2, optim=optim)
     assert optim.get_state() == {}
+    (first, first_stepped), (second, second_stepped) = handed
+    assert first is not second and optim not in (first, second)
+    assert not first_stepped and not second_stepped and first.get_state()
+    handed.clear()
     pyro.clear_param_store()
     guide = AutoAmortizedNormal(normal_model)
     fit_sequential(
@@ -127,8 +141,12 @@ def test_each_round_starts_from_a_fresh_copy_of_the_optimizer():
         fresh_optimizer=False,
     )  # fmt: skip
     assert optim.get_state()["names"]
+    assert [o for o, _ in handed] == [optim, optim] and handed[1][1]
     with pytest.raises(ValueError, match="fresh_optimizer=False"):
         fit_sequential(normal_model, guide, x, num_simulations=[200, 100], optim=optim)
+    with pytest.raises(ValueError, match="optim must be a Pyro optimizer.*SGD"):
+        sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        fit_sequential(normal_model, guide, x, num_simulations=[200, 100], optim=sgd)
 
 
 def test_simulate_at_given_latents():
