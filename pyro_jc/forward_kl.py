@@ -97,7 +97,12 @@ class ForwardKL(ELBO):
         ``simulate(..., path=...)``, or a :class:`~pyro_jc.simulation.StoredBank`), read a few
         chunks at a time, so that a bank larger than memory trains.
     :param float validation_fraction: share of the bank held out for validation (with a bank;
-        whole chunks, the last ones, of a bank on disk).
+        whole chunks, the last ones, of a bank on disk; default 0.1).
+    :param validation_simulations: a bank held out for validation, in the forms
+        ``simulations`` takes, instead of a split of ``simulations`` (which then all train).
+        Keep one held-out bank when a bank grows, as :func:`~pyro_jc.fit_sequential` does over
+        its rounds: a fresh split of the grown bank would validate on pairs already trained
+        on, which read optimistic.
     :param float clip_norm: clip the global gradient norm of the guide's parameters to this
         value in :meth:`loss_and_grads` (``None``: no clipping).
     :param torch.Generator generator: random source of the bank's split and shuffling
@@ -132,7 +137,8 @@ class ForwardKL(ELBO):
         *,
         observations: dict | Callable | None = None,
         simulations: dict | SimulationBank | None = None,
-        validation_fraction: float = 0.1,
+        validation_fraction: float | None = None,
+        validation_simulations: dict | SimulationBank | None = None,
         clip_norm: float | None = 5.0,
         generator: torch.Generator | None = None,
         num_workers: int = 1,
@@ -163,14 +169,21 @@ class ForwardKL(ELBO):
         self.num_invalid = 0
         #: The bank's training and validation splits (:class:`SimulationBank`\ s).
         self.bank = self.validation_bank = None
+        if validation_simulations is not None and (
+            simulations is None or validation_fraction is not None
+        ):
+            raise ValueError(
+                "ForwardKL(validation_simulations=...) holds out a bank for validating "
+                "training on simulations=bank: give simulations=, and leave "
+                "validation_fraction out (the training bank is not split)."
+            )
         if simulations is not None:
-            if isinstance(simulations, BankStore):
-                bank = StoredBank(simulations)
-            elif isinstance(simulations, SimulationBank | StoredBank):
-                bank = simulations
+            bank = _as_bank(simulations)
+            if validation_simulations is None:
+                fraction = 0.1 if validation_fraction is None else validation_fraction
+                self.bank, self.validation_bank = bank.split(fraction, generator)
             else:
-                bank = SimulationBank(simulations)
-            self.bank, self.validation_bank = bank.split(validation_fraction, generator)
+                self.bank, self.validation_bank = bank, _as_bank(validation_simulations)
             # Standardization comes from the whole training split, the same on every rank.
             self._standardization_bank = self.bank
             if shard is not None:
@@ -592,6 +605,14 @@ class _HoistParams(Messenger):
                     "mask": None,
                 }
             )
+
+
+def _as_bank(simulations):
+    if isinstance(simulations, BankStore):
+        return StoredBank(simulations)
+    if isinstance(simulations, SimulationBank | StoredBank):
+        return simulations
+    return SimulationBank(simulations)
 
 
 def _broadcast(a, b):

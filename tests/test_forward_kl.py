@@ -238,6 +238,26 @@ def test_bank_training_simulates_nothing_and_stops_early(tmp_path):
     assert guide.log_s.exp().item() == pytest.approx(21**-0.5, rel=0.1)
 
 
+def test_a_held_out_bank_validates_and_the_training_bank_is_not_split():
+    """validation_simulations= is the validation split as given: all of simulations= trains,
+    validation_loss averages over the held-out bank; it needs simulations= and no
+    validation_fraction."""
+    model, x = counting_model([]), torch.zeros(5)
+    bank = simulate(model, x, num_simulations=300)
+    held_out = simulate(model, x, num_simulations=50)
+    loss = ForwardKL(num_particles=100, simulations=bank, validation_simulations=held_out)
+    assert len(loss.bank) == 300 and len(loss.validation_bank) == 50
+    assert loss.steps_per_epoch == 3
+    assert torch.equal(loss.validation_bank.all()[0]["z"], held_out["latents"]["z"])
+    # MeanGuide starts at q(z | x) = N(0, 1).
+    expected = -dist.Normal(0.0, 1.0).log_prob(held_out["latents"]["z"]).mean().item()
+    assert loss.validation_loss(model, MeanGuide(), x) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="give simulations="):
+        ForwardKL(validation_simulations=held_out)
+    with pytest.raises(ValueError, match="leave validation_fraction out"):
+        ForwardKL(simulations=bank, validation_simulations=held_out, validation_fraction=0.2)
+
+
 @pytest.mark.parametrize("optimizer", ["pyro", "pyro_jc", "scheduler"])
 def test_fit_lowers_the_learning_rate_after_a_plateau_and_keeps_the_best_guide(optimizer):
     pyro.clear_param_store()

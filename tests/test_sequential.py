@@ -149,6 +149,40 @@ def test_each_round_starts_from_a_fresh_copy_of_the_optimizer(monkeypatch):
         fit_sequential(normal_model, guide, x, num_simulations=[200, 100], optim=sgd)
 
 
+def test_each_round_holds_out_its_own_pairs_for_good(monkeypatch):
+    """Each round's pairs are split once: the validation pairs of every round stay held out
+    in later rounds and never train, and a later round too small to hold a pair out
+    trains on all of its pairs."""
+    import pyro_jc.sequential as sequential
+
+    losses, forward_kl = [], sequential.ForwardKL
+
+    def recording_loss(**options):
+        losses.append(forward_kl(**options))
+        return losses[-1]
+
+    monkeypatch.setattr(sequential, "ForwardKL", recording_loss)
+
+    def pairs(bank):
+        latents, observations = bank.all()
+        rows = torch.cat([latents["theta"].reshape(len(bank), -1), observations["x"]], -1)
+        return {tuple(row) for row in rows.tolist()}
+
+    x = torch.tensor([0.5, -0.2, 0.1])
+    guide = AutoAmortizedNormal(normal_model)
+    fit_sequential(normal_model, guide, x, num_simulations=[200, 100, 4, 100], max_epochs=2)
+    assert [(len(s.bank), len(s.validation_bank)) for s in losses] == [
+        (180, 20), (270, 30), (274, 30), (364, 40)
+    ]  # fmt: skip
+    for earlier, later in zip(losses, losses[1:], strict=False):
+        assert pairs(earlier.validation_bank) <= pairs(later.validation_bank)
+    held_out = pairs(losses[-1].validation_bank)
+    assert all(not pairs(s.bank) & held_out for s in losses)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="validation_fraction must lie in"):
+            fit_sequential(normal_model, guide, x, num_simulations=300, validation_fraction=bad)
+
+
 def test_simulate_at_given_latents():
     """simulate(latents=...) pairs the given latents with their simulations, chunk by chunk,
     and checks them."""
