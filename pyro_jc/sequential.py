@@ -179,8 +179,7 @@ def fit_sequential(
     :class:`~pyro_jc.ForwardKL` on the pairs of all rounds so far with
     :meth:`~pyro_jc.ForwardKL.fit` (early stopping on the pairs held out so far: each
     round's pairs are split once, so no round validates on pairs another trained on), and
-    the guide's
-    standardization is fitted once, from round 1's prior simulations.
+    the guide's standardization is fitted once, from round 1's prior simulations.
 
     :param model: the Pyro model (any model :func:`~pyro_jc.simulate` takes: several latent
         sites, bounded priors, implicit likelihoods).
