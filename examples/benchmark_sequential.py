@@ -12,8 +12,10 @@ posterior:
 * ``sbi SNPE-C``: sbi's APT (``NPE`` with ``proposal=``, atomic loss, 10 atoms), ten rounds.
 
 Both libraries use the flows of ``benchmark_sbi.py`` (5 spline layers of width 50) and sbi's
-training defaults (batch 200, learning rate 5e-4, patience 20). The time column is the
-training and proposal time, simulation excluded. Methods alternate which goes first.
+learning rate and patience (5e-4, 20). The minibatch is each library's default unless
+``--batch-size`` sets both: pyro_jc's ``fit_sequential`` steps with a twentieth of each
+round's training pairs, from 50 to 200, sbi with 200. The time column is the training and
+proposal time, simulation excluded. Methods alternate which goes first.
 
     python examples/benchmark_sequential.py --tasks two_moons --budgets 1000 10000
 """
@@ -56,9 +58,10 @@ PUBLISHED_SNPE = {
 }
 
 
-def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples):
+def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples, batch_size):
     guide = make_guide(model, flow)
     truncation = {} if threshold_samples is None else {"num_threshold_samples": threshold_samples}
+    batch = {} if batch_size is None else {"num_particles": batch_size}
     history = fit_sequential(
         model,
         guide,
@@ -66,16 +69,16 @@ def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples):
         num_simulations=budget,
         num_rounds=rounds,
         optim=optim.Adam({"lr": LEARNING_RATE}),
-        num_particles=BATCH_SIZE,
         fit_options={"patience": PATIENCE},
         truncation_options=truncation,
+        **batch,
     )
     seconds = sum(r["train_seconds"] + r["truncate_seconds"] for r in history["rounds"])
     samples = guide.sample_posterior(x_o, num_samples=n)["parameters"]
     return samples, seconds
 
 
-def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples):
+def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch_size):
     from sbi.inference import NPE
     from sbi.neural_nets import posterior_nn
     from sbi.utils import RestrictedPrior, get_density_thresholder
@@ -95,7 +98,7 @@ def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples):
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             options = dict(
-                training_batch_size=BATCH_SIZE,
+                training_batch_size=BATCH_SIZE if batch_size is None else batch_size,
                 learning_rate=LEARNING_RATE,
                 stop_after_epochs=PATIENCE,
             )
@@ -136,12 +139,12 @@ def one_observation(task, model, budget, observation, seed, args, order):
         if method.startswith("pyro_jc"):
             samples, seconds = run_pyro_jc(
                 task, model, x_o, budget, rounds, args.flow, args.c2st_samples,
-                args.threshold_samples,
+                args.threshold_samples, args.batch_size,
             )  # fmt: skip
         else:
             samples, seconds = run_sbi(
                 task, x_o, budget, rounds, args.flow, args.c2st_samples, method,
-                args.threshold_samples,
+                args.threshold_samples, args.batch_size,
             )  # fmt: skip
         row[method] = {"c2st": float(c2st(reference, samples)), "seconds": seconds}
     return row
@@ -176,6 +179,13 @@ def parse_args(argv=None):
         default=None,
         help="guide draws for the truncation threshold (default: each library's own, "
         "pyro_jc 100,000, sbi 1,000,000)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs per training step (default: each library's own, pyro_jc's fit_sequential "
+        "50, sbi 200)",
     )
     p.add_argument("--out", default="outputs/benchmark_sequential")
     return p.parse_args(argv)

@@ -35,7 +35,7 @@ from pyro.optim import PyroOptim
 
 from .errors import JointContrastiveError
 from .forward_kl import ForwardKL
-from .joints import prior_latents
+from .joints import check_num_particles, prior_latents
 from .layout import ModelLayout
 from .simulation import SimulationBank, simulate
 
@@ -161,7 +161,7 @@ def fit_sequential(
     optim: Any = None,
     fresh_optimizer: bool = True,
     quantile: float = 1e-4,
-    num_particles: int = 200,
+    num_particles: int | None = None,
     validation_fraction: float = 0.1,
     max_epochs: int | None = None,
     num_workers: int = 1,
@@ -196,7 +196,11 @@ def fit_sequential(
         rounds. Fresh copies train better: on sbibm's ``two_moons`` at 1,000 simulations
         they lowered the reference cross-entropy in 18 of 20 runs (see the benchmarks page).
     :param float quantile: the region's excluded guide mass (see :class:`TruncatedPrior`).
-    :param int num_particles: pairs per training step.
+    :param int num_particles: pairs per training step (default: a twentieth of the round's
+        training pairs, at least 50 and at most 200). Small banks train better with small
+        minibatches: at 1,000 simulations on sbibm's ``two_moons``, 50 instead of sbi's
+        default 200 lowered the C2ST by 0.034 ± 0.014 (see the benchmarks page); large banks
+        keep 200, which is faster.
     :param float validation_fraction: share of each round's pairs held out for validation,
         in every later round too (a round too small to hold a pair out trains on all).
     :param int max_epochs: bounds each round's training (default: early stopping only).
@@ -208,7 +212,8 @@ def fit_sequential(
     :param callback: called after each round with ``(round, guide, history)``.
     :returns: a history: ``"rounds"``, a list with per round the ``simulations`` drawn, the
         truncated prior's ``acceptance_rate`` and ``threshold`` (NaN and ``-inf`` in round 1),
-        the ``epochs`` trained, the best ``validation_loss``, and the seconds spent
+        the pairs per step (``num_particles``), the ``epochs`` trained, the best
+        ``validation_loss``, and the seconds spent
         truncating, simulating and training (``truncate_seconds``, ``simulate_seconds``,
         ``train_seconds``); ``"simulations"``, the total.
     """
@@ -229,6 +234,8 @@ def fit_sequential(
             "which must not have stepped yet: pass a new optimizer, or "
             "fresh_optimizer=False to go on with this one's state."
         )
+    if num_particles is not None:
+        check_num_particles(num_particles)  # before any simulation is spent
     if not 0 < validation_fraction < 1:
         raise ValueError(
             f"fit_sequential: validation_fraction must lie in (0, 1), got {validation_fraction}."
@@ -269,7 +276,7 @@ def fit_sequential(
             train.append(train_part)
             held_out.append(held_out_part)
         loss = ForwardKL(
-            num_particles=num_particles,
+            num_particles=num_particles or _default_batch(sum(len(b) for b in train)),
             simulations=_joined(train),
             validation_simulations=_joined(held_out),
         )
@@ -277,12 +284,18 @@ def fit_sequential(
         start = time.perf_counter()
         fitted = loss.fit(svi, *args, max_epochs=max_epochs, **(fit_options or {}), **kwargs)
         entry["train_seconds"] = time.perf_counter() - start
+        entry["num_particles"] = loss.num_particles
         entry["epochs"] = fitted["epochs"]
         entry["validation_loss"] = min(fitted["validation_loss"], default=math.nan)
         history["rounds"].append(entry)
         if callback is not None:
             callback(r + 1, guide, history)
     return history
+
+
+def _default_batch(pairs):
+    """Pairs per step for a round with ``pairs`` training pairs: about 20 steps an epoch."""
+    return min(200, max(50, pairs // 20))
 
 
 def _is_count(n):

@@ -183,6 +183,33 @@ def test_each_round_holds_out_its_own_pairs_for_good(monkeypatch):
             fit_sequential(normal_model, guide, x, num_simulations=300, validation_fraction=bad)
 
 
+def test_the_minibatch_grows_with_the_bank_unless_given(monkeypatch):
+    """By default each round steps with a twentieth of its training pairs, from 50 up to
+    200; a given num_particles holds in every round, and a bad one is refused before any
+    simulation is spent."""
+    import pyro_jc.sequential as sequential
+
+    x = torch.tensor([0.5, -0.2, 0.1])
+    guide = AutoAmortizedNormal(normal_model)
+    history = fit_sequential(
+        normal_model, guide, x, num_simulations=[200, 100, 2000, 2500], max_epochs=1
+    )
+    # Training pairs 180, 270, 2070 and 4320: 50 (at least), 50, 103 and 200 (at most).
+    assert [r["num_particles"] for r in history["rounds"]] == [50, 50, 103, 200]
+    history = fit_sequential(
+        normal_model, guide, x, num_simulations=[200, 100], max_epochs=1, num_particles=32
+    )
+    assert [r["num_particles"] for r in history["rounds"]] == [32, 32]
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("simulated before checking num_particles")
+
+    monkeypatch.setattr(sequential, "simulate", no_simulation)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="num_particles must be a positive integer"):
+            fit_sequential(normal_model, guide, x, num_simulations=300, num_particles=bad)
+
+
 def test_simulate_at_given_latents():
     """simulate(latents=...) pairs the given latents with their simulations, chunk by chunk,
     and checks them."""
