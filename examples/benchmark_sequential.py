@@ -184,8 +184,8 @@ def parse_args(argv=None):
         "--batch-size",
         type=int,
         default=None,
-        help="pairs per training step (default: each library's own, pyro_jc's fit_sequential "
-        "50, sbi 200)",
+        help="pairs per training step for both libraries (default: each library's own, "
+        "pyro_jc a twentieth of each round's training pairs from 50 to 200, sbi 200)",
     )
     p.add_argument("--out", default="outputs/benchmark_sequential")
     return p.parse_args(argv)

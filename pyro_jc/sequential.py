@@ -213,9 +213,9 @@ def fit_sequential(
     :returns: a history: ``"rounds"``, a list with per round the ``simulations`` drawn, the
         truncated prior's ``acceptance_rate`` and ``threshold`` (NaN and ``-inf`` in round 1),
         the pairs per step (``num_particles``), the ``epochs`` trained, the best
-        ``validation_loss``, and the seconds spent
-        truncating, simulating and training (``truncate_seconds``, ``simulate_seconds``,
-        ``train_seconds``); ``"simulations"``, the total.
+        ``validation_loss``, and the seconds spent truncating, simulating and training
+        (``truncate_seconds``, ``simulate_seconds``, ``train_seconds``); ``"simulations"``,
+        the total.
     """
     sizes = _round_sizes(num_simulations, num_rounds)
     if optim is None:
