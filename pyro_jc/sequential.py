@@ -275,8 +275,11 @@ def fit_sequential(
             train_part, held_out_part = bank.split(validation_fraction)
             train.append(train_part)
             held_out.append(held_out_part)
+        batch = num_particles
+        if batch is None:
+            batch = _default_batch(sum(len(b) for b in train))
         loss = ForwardKL(
-            num_particles=num_particles or _default_batch(sum(len(b) for b in train)),
+            num_particles=batch,
             simulations=_joined(train),
             validation_simulations=_joined(held_out),
         )
