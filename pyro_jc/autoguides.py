@@ -276,7 +276,8 @@ class AutoAmortizedGuide(PyroModule):
 
     def _box_clamp(self):
         """The clamp of the joined vector's box coordinates into the unit box."""
-        return IndependentTransform(SoftIntervalTransform(-1.0, 1.0, _BOX_SOFTNESS), 1)
+        clamp = SoftIntervalTransform(-1.0, 1.0, _BOX_SOFTNESS, cache_size=1)
+        return IndependentTransform(clamp, 1, cache_size=1)
 
     def _build_embedding(self, in_dim):
         if self._embedding_arg is not None:
@@ -724,13 +725,37 @@ class AutoAmortizedGuide(PyroModule):
                 "model's own arguments (one observation): train it, or call guide(*args) once, "
                 "before sampling for a batch of observations."
             )
+        return self._draw(args, kwargs, num_samples)[0]
+
+    @torch.no_grad()
+    def sample_and_log_prob(
+        self, *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Posterior draws as :meth:`sample_posterior` gives them, with their density
+        ``log q(z | x)`` as :meth:`log_prob` gives it: for a flow, at the cost of the draws
+        alone (the layers remember the log-determinants of the pass that drew them, where
+        :meth:`log_prob` on the draws would evaluate the flow once more).
+
+        :returns: ``(draws, log_q)``: ``{site: tensor}`` of shape
+            ``(num_samples, *leading, *site_shape)``, and ``log_q`` of shape
+            ``(num_samples, *leading)``.
+        """
+        self._check_set_up("sample_and_log_prob")
+        draws, trace = self._draw(args, kwargs, num_samples)
+        site = trace.nodes[self._density_site()]
+        log_q = site["fn"].log_prob(site["value"])
+        # The density site spreads the joint over the plates it sits in (see _Carried).
+        return draws, log_q.sum(tuple(range(-self._nesting, 0))) if self._nesting else log_q
+
+    def _draw(self, args, kwargs, num_samples):
         prefix = self._prefix(self._read(args, kwargs))
         dim = -self._nesting - 1 - len(prefix)
         with self._query(), pyro.plate("_num_posterior_samples", num_samples, dim=dim):
             trace = poutine.trace(self).get_trace(*args, **kwargs)
-        return {
+        draws = {
             layout["name"]: trace.nodes[layout["name"]]["value"] for layout in self._latent_layout
         }
+        return draws, trace
 
     def _check_set_up(self, method):
         if self.prototype_trace is None:
@@ -763,7 +788,8 @@ class AutoAmortizedGuide(PyroModule):
                 f"missing {missing}."
             )
         self._register_params()
-        context = self._context(args, kwargs)
+        with self._query():  # the observations asked about never fit the standardization
+            context = self._context(args, kwargs)
         values = {layout["name"]: latents[layout["name"]] for layout in self._latent_layout}
         log_q = self._log_density(self._posterior(context), values)
         return log_q.sum(tuple(range(-self._nesting, 0))) if self._nesting else log_q
@@ -1111,7 +1137,8 @@ class AutoAmortizedFlow(AutoAmortizedGuide):
             transforms.append(t)
             if d > 1 and i < len(layers) - 1:
                 transforms.append(dist.transforms.Permute(self.permutations[i], cache_size=1))
-        transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
+        # Every layer caches its last pair, so a draw's density reuses the pass that drew it.
+        transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1, cache_size=1))
         if self.box_index is not None:
             box = self.box_layer.condition(context)
             if self.fast == "log_prob" and len(self.box_index) > 1:

@@ -2,9 +2,10 @@
 of posterior draws to ArviZ.
 
 :class:`Posterior` fixes the observations of an amortized guide (as sbi's
-``posterior.set_default_x``): ``.sample``, ``.log_prob``, ``.median``, ``.quantiles``,
-``.map``, ``.to(device)``, and :meth:`Posterior.to_inference_data`. It pickles with its
-guide (the model must be picklable: a module-level function or a picklable object).
+``posterior.set_default_x``): ``.sample``, ``.log_prob``, ``.sample_and_log_prob``,
+``.median``, ``.quantiles``, ``.map``, ``.to(device)``, and
+:meth:`Posterior.to_inference_data`. It pickles with its guide (the model must be
+picklable: a module-level function or a picklable object).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Posterior", "to_inference_data"]
+__all__ = ["Posterior", "check_amortized", "sample_and_log_prob", "to_inference_data"]
 
 
 class Posterior:
@@ -35,12 +36,7 @@ class Posterior:
     """
 
     def __init__(self, guide: Any, *args: Any, **kwargs: Any) -> None:
-        for method in ("sample_posterior", "log_prob"):
-            if not callable(getattr(guide, method, None)):
-                raise TypeError(
-                    f"Posterior needs an amortized guide with a {method}() method "
-                    f"(AutoAmortizedNormal, AutoAmortizedFlow); got {type(guide).__name__}."
-                )
+        check_amortized(guide, "Posterior")
         if getattr(guide, "prototype_trace", True) is None:
             raise RuntimeError(
                 "Posterior needs a trained guide: train it (or call guide(*args) once with "
@@ -53,6 +49,13 @@ class Posterior:
     def sample(self, num_samples: int = 1000) -> dict[str, torch.Tensor]:
         """``num_samples`` posterior draws, ``{site: (num_samples, *site_shape)}``."""
         return self.guide.sample_posterior(*self.args, num_samples=num_samples, **self.kwargs)
+
+    def sample_and_log_prob(
+        self, num_samples: int = 1000
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``num_samples`` draws with their ``log q(z | x_o)``, ``(num_samples,)`` (see
+        :func:`sample_and_log_prob`)."""
+        return sample_and_log_prob(self.guide, *self.args, num_samples=num_samples, **self.kwargs)
 
     def log_prob(self, latents: dict[str, torch.Tensor]) -> torch.Tensor:
         """``log q(z | x_o)`` of a batch of latents (leading dims are the batch)."""
@@ -95,6 +98,37 @@ class Posterior:
 
     def __repr__(self) -> str:
         return f"Posterior({type(self.guide).__name__} at fixed observations)"
+
+
+def check_amortized(guide: Any, user: str) -> None:
+    """Raise a ``TypeError`` naming ``user`` unless ``guide`` has the amortized-posterior
+    contract: ``sample_posterior(*args, num_samples=...)`` and ``log_prob(latents, *args)``."""
+    for method in ("sample_posterior", "log_prob"):
+        if not callable(getattr(guide, method, None)):
+            raise TypeError(
+                f"{user} needs an amortized guide with a {method}() method "
+                f"(AutoAmortizedNormal, AutoAmortizedFlow); got {type(guide).__name__}."
+            )
+
+
+def sample_and_log_prob(
+    guide: Any, *args: Any, num_samples: int = 1000, **kwargs: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Draws of an amortized guide at the observations in ``args`` with their
+    ``log q(z | x)``: from the guide's own ``sample_and_log_prob`` where it has one (a flow's
+    densities then come with its draws, with no second pass through it), else
+    ``sample_posterior`` followed by ``log_prob``.
+
+    :param guide: a guide with the amortized-posterior contract (see :func:`check_amortized`).
+    :param int num_samples: draws.
+    :returns: ``(draws, log_q)``, ``log_q`` of shape ``(num_samples, *leading)``.
+    """
+    own = getattr(guide, "sample_and_log_prob", None)
+    if callable(own):
+        return own(*args, num_samples=num_samples, **kwargs)
+    draws = guide.sample_posterior(*args, num_samples=num_samples, **kwargs)
+    with torch.no_grad():
+        return draws, guide.log_prob(draws, *args, **kwargs)
 
 
 def _observed(guide, args, kwargs):

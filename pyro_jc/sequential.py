@@ -37,6 +37,7 @@ from .errors import JointContrastiveError
 from .forward_kl import ForwardKL
 from .joints import check_num_particles, prior_latents
 from .layout import ModelLayout
+from .posterior import check_amortized, sample_and_log_prob
 from .simulation import SimulationBank, simulate
 
 __all__ = ["TruncatedPrior", "TruncationError", "fit_sequential"]
@@ -91,9 +92,9 @@ class TruncatedPrior:
         layout = ModelLayout(model, args, kwargs)
         layout.check_observed_shapes()  # one observation: a region is for one x_o
         self._nesting = layout.plate_nesting
-        with torch.no_grad():
-            draws = guide.sample_posterior(*args, num_samples=num_threshold_samples, **kwargs)
-            log_q = self.log_q(draws)
+        check_amortized(guide, "TruncatedPrior")
+        _, log_q = sample_and_log_prob(guide, *args, num_samples=num_threshold_samples, **kwargs)
+        log_q = log_q.reshape(num_threshold_samples)
         #: The region's threshold ``tau`` on ``log q(z | x_o)``.
         self.threshold = float(torch.quantile(log_q.double(), quantile)) if quantile else -math.inf
         #: Prior draws proposed and accepted so far.
@@ -234,8 +235,10 @@ def fit_sequential(
             "which must not have stepped yet: pass a new optimizer, or "
             "fresh_optimizer=False to go on with this one's state."
         )
+    if len(sizes) > 1:
+        check_amortized(guide, "fit_sequential")  # checks before any simulation is spent
     if num_particles is not None:
-        check_num_particles(num_particles)  # before any simulation is spent
+        check_num_particles(num_particles)
     if not 0 < validation_fraction < 1:
         raise ValueError(
             f"fit_sequential: validation_fraction must lie in (0, 1), got {validation_fraction}."

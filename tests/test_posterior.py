@@ -103,6 +103,86 @@ def test_log_prob_is_the_density_of_the_draws(kind):
         assert abs(mass - share) < 4 * math.sqrt(share * (1 - share) / 20000) + 2e-3
 
 
+def plate_model(x):
+    """A global latent vector in a model with a data plate."""
+    m = pyro.sample("m", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with pyro.plate("data", x.shape[-1]):
+        pyro.sample("x", dist.Normal(m.sum(-1, keepdim=True), 1.0), obs=x)
+
+
+def _cases(device):
+    lg = LinearGaussianModel.random(2, 3, sigma=0.5, num_data=4, seed=0, device=device)
+    g = torch.Generator().manual_seed(1)
+    x3 = torch.randn(5, 3, generator=g).to(device)
+    x4 = torch.randn(3, 4, generator=g).to(device)
+    return {
+        "two sites": (scale_model, x3[0], x3),  # (model, its data, several observations)
+        "global in a plate": (plate_model, x4[0], x4),
+        "local": (lg.model, lg.data, None),
+    }
+
+
+@pytest.mark.parametrize("kind", ["normal", "spline flow", "affine flow"])
+@pytest.mark.parametrize("case", ["two sites", "global in a plate", "local"])
+def test_sample_and_log_prob_gives_the_density_of_its_draws(kind, case, device):
+    """The densities that come with the draws are log_prob's at them, for one observation
+    and several, and no flow layer runs more often than for the draws alone."""
+    model, x, xs = _cases(device)[case]
+    if kind == "normal":
+        guide = AutoAmortizedNormal(model)
+    else:
+        transform = "spline_autoregressive" if kind == "spline flow" else "affine_autoregressive"
+        guide = AutoAmortizedFlow(model, transform=transform, num_transforms=2)
+    guide = perturbed(guide, x, scale=0.1)
+    fitted = guide.obs_standardize.is_fitted  # from the datapoints of the set-up call
+    calls = []
+    for module in guide.modules():
+        module.register_forward_hook(lambda *_: calls.append(1))
+    for obs in [x] if xs is None else [x, xs]:
+        pyro.set_rng_seed(4)
+        calls.clear()
+        draws, log_q = guide.sample_and_log_prob(obs, num_samples=7)
+        sampling_calls = len(calls)
+        pyro.set_rng_seed(4)
+        calls.clear()
+        alone = guide.sample_posterior(obs, num_samples=7)
+        assert len(calls) == sampling_calls  # the densities cost no pass of their own
+        for name, value in alone.items():
+            assert torch.equal(draws[name], value)
+        leading = obs.shape[: obs.dim() - x.dim()]
+        assert log_q.shape == (7,) + leading
+        with torch.no_grad():
+            expected = guide.log_prob(draws, obs)
+        assert torch.allclose(log_q, expected, atol=1e-4, rtol=1e-5)
+    # Asked about observations, log_prob never fits the standardization from them.
+    assert guide.obs_standardize.is_fitted == fitted
+
+
+def test_sample_and_log_prob_of_a_guide_with_the_bare_contract():
+    """A guide with only sample_posterior and log_prob: its draws, then their log_prob."""
+
+    class Bare:
+        def __init__(self, guide):
+            self.guide = guide
+
+        def sample_posterior(self, *args, **kwargs):
+            return self.guide.sample_posterior(*args, **kwargs)
+
+        def log_prob(self, latents, *args, **kwargs):
+            return self.guide.log_prob(latents, *args, **kwargs)
+
+    lg, guide = trained_linear_gaussian()
+    posterior = Posterior(Bare(guide), lg.data)
+    pyro.set_rng_seed(2)
+    draws, log_q = posterior.sample_and_log_prob(50)
+    pyro.set_rng_seed(2)
+    assert torch.equal(draws["z"], guide.sample_posterior(lg.data, num_samples=50)["z"])
+    assert torch.equal(log_q, guide.log_prob(draws, lg.data))
+    assert log_q.shape == (50,)
+    with pytest.raises(TypeError, match="Posterior needs an amortized guide with a log_prob"):
+        Posterior(type("NoDensity", (), {"sample_posterior": Bare.sample_posterior})(), lg.data)
+
+
 def trained_linear_gaussian(device=None):
     lg = LinearGaussianModel.random(2, 3, sigma=0.5, num_data=1, seed=0, device=device)
     guide = AutoAmortizedNormal(lg.model)

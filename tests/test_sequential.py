@@ -102,6 +102,22 @@ def test_a_region_without_prior_mass_is_refused():
             fit_sequential(normal_model, guide, x, num_simulations=bad)
 
 
+def test_a_guide_without_a_region_is_refused_before_any_simulation(monkeypatch):
+    """An ordinary autoguide has no density at x_o to bound a region with."""
+    import pyro_jc.sequential
+
+    def simulate_nothing(*args, **kwargs):
+        raise AssertionError("simulated before checking the guide")
+
+    monkeypatch.setattr(pyro_jc.sequential, "simulate", simulate_nothing)
+    x = torch.zeros(3)
+    plain = pyro.infer.autoguide.AutoNormal(normal_model)
+    with pytest.raises(TypeError, match="fit_sequential needs an amortized guide.*AutoNormal"):
+        fit_sequential(normal_model, plain, x, num_simulations=[10, 10])
+    with pytest.raises(TypeError, match="TruncatedPrior needs an amortized guide"):
+        TruncatedPrior(normal_model, plain, x)
+
+
 def test_rounds_of_given_sizes():
     """A sequence of per-round simulations sets the rounds; numpy ints count as ints."""
     x = torch.tensor([0.5, -0.2, 0.1])
