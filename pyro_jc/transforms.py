@@ -34,7 +34,7 @@ _LOG_RANGE = -math.log(1e-3)
 
 
 def _soft_clip(raw, limit):
-    return raw / (1 + raw.abs() / limit)
+    return raw / torch.add(1.0, raw.abs(), alpha=1.0 / limit)
 
 
 def _knots(unnormalized, bound):
@@ -45,7 +45,7 @@ def _knots(unnormalized, bound):
     # and the inputs are soft-clipped (|.| < 3.5), so exp needs no max-shift.
     weights = unnormalized.exp()
     sizes = _MIN_BIN + (1.0 - _MIN_BIN * num_bins) * (weights / weights.sum(-1, keepdim=True))
-    inner = 2.0 * bound * torch.cumsum(sizes[..., :-1], -1) - bound
+    inner = torch.add(-bound, torch.cumsum(sizes[..., :-1], -1), alpha=2.0 * bound)
     # The ends are pinned exactly so rounding cannot leave a gap at the interval's edges.
     end = torch.full_like(inner[..., :1], bound)
     cum = torch.cat([-end, inner, end], -1)
@@ -99,13 +99,19 @@ def rational_quadratic_spline(inputs, widths, heights, derivatives, bound, inver
         c = -s * dy
         root = (b.pow(2) - 4 * a * c).clamp(min=0).sqrt()
         xi = (2 * c) / (-b - root)
-        outputs = xi * w + x_k
     else:
         xi = (x - x_k) / w
-        outputs = y_k + h * (s * xi.pow(2) + d_k * xi * (1 - xi)) / (s + curvature * xi * (1 - xi))
+    # Shared by the map and its derivative (each op here is paid again in the backward pass:
+    # at small batches the spline's cost is its op count).
     one_minus = 1 - xi
-    denominator = s + curvature * xi * one_minus
-    numerator = s.pow(2) * (d_k1 * xi.pow(2) + 2 * s * xi * one_minus + d_k * one_minus.pow(2))
+    xi_one_minus = xi * one_minus
+    xi2 = xi * xi
+    denominator = s + curvature * xi_one_minus
+    if inverse:
+        outputs = xi * w + x_k
+    else:
+        outputs = y_k + h * (s * xi2 + d_k * xi_one_minus) / denominator
+    numerator = s * s * (d_k1 * xi2 + 2 * s * xi_one_minus + d_k * one_minus * one_minus)
     log_abs_det = numerator.log() - 2 * denominator.log()
     outputs = torch.where(inside, outputs, inputs)
     log_abs_det = torch.where(inside, log_abs_det, torch.zeros_like(log_abs_det))
@@ -222,10 +228,11 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
         return x, log_abs_det
 
     def _elementwise(self, values, conditioning, context, inverse):
-        batch_shape = torch.broadcast_shapes(conditioning.shape[:-1], context.shape[:-1])
-        conditioning = conditioning.expand(batch_shape + conditioning.shape[-1:])
+        if conditioning.shape[:-1] != context.shape[:-1]:  # torch.broadcast_shapes is slow
+            batch_shape = torch.broadcast_shapes(conditioning.shape[:-1], context.shape[:-1])
+            conditioning = conditioning.expand(batch_shape + conditioning.shape[-1:])
+            values = values.expand(batch_shape + values.shape[-1:])
         params = [p.transpose(-1, -2) for p in self.conditioner(conditioning, context)]
-        values = values.expand(batch_shape + values.shape[-1:])
         outputs, log_abs_det = rational_quadratic_spline(values, *params, self.bound, inverse)
         return outputs, log_abs_det.sum(-1)
 
