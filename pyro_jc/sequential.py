@@ -39,6 +39,7 @@ from .joints import check_num_particles, prior_latents
 from .layout import ModelLayout
 from .posterior import check_amortized, sample_and_log_prob
 from .simulation import SimulationBank, simulate
+from .training import check_average
 
 __all__ = ["TruncatedPrior", "TruncationError", "fit_sequential"]
 
@@ -164,6 +165,7 @@ def fit_sequential(
     quantile: float = 1e-4,
     num_particles: int | None = None,
     validation_fraction: float = 0.1,
+    average: float | None = 0.98,
     max_epochs: int | None = None,
     num_workers: int = 1,
     simulate_options: dict | None = None,
@@ -204,6 +206,12 @@ def fit_sequential(
         keep 200, which is faster.
     :param float validation_fraction: share of each round's pairs held out for validation,
         in every later round too (a round too small to hold a pair out trains on all).
+    :param float average: each round validates, keeps and leaves behind an exponential
+        moving average of the guide's parameters with this decay per step (``average`` of
+        :func:`~pyro_jc.training.fit`; ``None``: the last step's parameters). Averaging
+        smooths the noise of the small minibatches: at 1,000 simulations on sbibm's
+        ``two_moons`` it lowered the C2ST by 0.030 ± 0.010 (23 of 30 paired runs; see the
+        benchmarks page), at about a third more epochs.
     :param int max_epochs: bounds each round's training (default: early stopping only).
     :param int num_workers: simulation worker processes (see :func:`~pyro_jc.simulate`).
     :param dict simulate_options: more arguments of :func:`~pyro_jc.simulate`.
@@ -239,6 +247,13 @@ def fit_sequential(
         check_amortized(guide, "fit_sequential")  # checks before any simulation is spent
     if num_particles is not None:
         check_num_particles(num_particles)
+    check_average(average)
+    shared = sorted({"average", "max_epochs"} & set(fit_options or {}))
+    if shared:
+        raise ValueError(
+            f"fit_sequential: give {', '.join(shared)} to fit_sequential itself, not in "
+            "fit_options."
+        )
     if not 0 < validation_fraction < 1:
         raise ValueError(
             f"fit_sequential: validation_fraction must lie in (0, 1), got {validation_fraction}."
@@ -288,7 +303,9 @@ def fit_sequential(
         )
         svi = SVI(model, guide, copy.deepcopy(optim) if fresh_optimizer else optim, loss)
         start = time.perf_counter()
-        fitted = loss.fit(svi, *args, max_epochs=max_epochs, **(fit_options or {}), **kwargs)
+        fitted = loss.fit(
+            svi, *args, max_epochs=max_epochs, average=average, **(fit_options or {}), **kwargs
+        )
         entry["train_seconds"] = time.perf_counter() - start
         entry["num_particles"] = loss.num_particles
         entry["epochs"] = fitted["epochs"]

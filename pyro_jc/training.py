@@ -4,6 +4,7 @@ rates changed through torch's schedulers only; checkpoints that continue trainin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -99,6 +100,7 @@ def fit(
     lr_decays: int = 2,
     lr_factor: float = 0.2,
     decay_patience: int = 5,
+    average: float | None = None,
     anneal: bool = True,
     progress: bool | None = None,
     **kwargs: Any,
@@ -140,6 +142,11 @@ def fit(
         the first stop).
     :param float lr_factor: learning-rate multiplier at each decay.
     :param int decay_patience: patience after a decay.
+    :param float average: epochs: keep an exponential moving average of the parameters
+        with this decay per step (e.g. ``0.98``: a memory of about 50 steps) and validate,
+        keep and leave behind the average instead of the last step's parameters (Polyak
+        averaging, as ``torch.optim.swa_utils.get_ema_multi_avg_fn``), which smooths the
+        noise of small minibatches. ``None``: the last step's parameters.
     :param bool anneal: budget: anneal the learning rate over the budget.
     :param bool progress: show a tqdm progress bar (default: when standard error is a
         terminal).
@@ -164,6 +171,11 @@ def fit(
                 "fit: max_epochs and validation need epochs: give steps_per_epoch (or a loss "
                 "with a simulation bank); a budget is num_steps or seconds."
             )
+        if average is not None:
+            raise ValueError(
+                "fit: average is validated and kept per epoch: give steps_per_epoch (or a loss "
+                "with a simulation bank)."
+            )
         return _fit_budget(svi, args, kwargs, num_steps, seconds, anneal, progress)
     if num_steps is not None or seconds is not None:
         raise ValueError(
@@ -184,14 +196,15 @@ def fit(
             "fit: lr_decays must be >= 0 and patience, decay_patience, steps_per_epoch >= 1; "
             f"got {lr_decays}, {patience}, {decay_patience}, {steps_per_epoch}."
         )
-    schedule = (patience, lr_decays, lr_factor, decay_patience)
+    check_average(average)
+    schedule = (patience, lr_decays, lr_factor, decay_patience, average)
     return _fit_epochs(
         svi, args, kwargs, steps_per_epoch, validation, max_epochs, schedule, progress
     )
 
 
 def _fit_epochs(svi, args, kwargs, steps_per_epoch, validation, max_epochs, schedule, progress):
-    patience, lr_decays, lr_factor, decay_patience = schedule
+    patience, lr_decays, lr_factor, decay_patience, average = schedule
     epochs = range(max_epochs) if max_epochs is not None else itertools.count()
     bar = None
     if progress:
@@ -209,10 +222,20 @@ def _fit_epochs(svi, args, kwargs, steps_per_epoch, validation, max_epochs, sche
     best, best_state, stale = math.inf, None, 0
     rate = LearningRateFactor(svi.optim)
     rate.set(1.0)  # a second fit starts from the configured rates again
+    averaged = _MovingAverage(average, svi.guide) if average is not None else None
     try:
         for epoch in epochs:
-            losses = [svi.step(*args, **kwargs) for _ in range(steps_per_epoch)]
-            val = validation()
+            losses = []
+            if averaged is not None and averaged.params:
+                averaged.refresh()
+            for _ in range(steps_per_epoch):
+                losses.append(svi.step(*args, **kwargs))
+                if averaged is not None:
+                    averaged.update()
+            with averaged if averaged is not None else contextlib.nullcontext():
+                val = validation()
+                if val < best:
+                    best_state = _snapshot(svi.guide)
             history["train_loss"].append(sum(losses) / len(losses))
             history["validation_loss"].append(val)
             history["epochs"] = epoch + 1
@@ -220,7 +243,6 @@ def _fit_epochs(svi, args, kwargs, steps_per_epoch, validation, max_epochs, sche
                 bar.set_postfix(train=history["train_loss"][-1], validation=val)
             if val < best:
                 best, stale, history["best_epoch"] = val, 0, epoch
-                best_state = _snapshot(svi.guide)
                 continue
             stale += 1
             if stale < patience:
@@ -230,6 +252,8 @@ def _fit_epochs(svi, args, kwargs, steps_per_epoch, validation, max_epochs, sche
             rate.set(lr_factor ** (len(history["decay_epochs"]) + 1))
             # Go on from the best guide with smaller steps.
             _restore(svi.guide, best_state)
+            if averaged is not None:
+                averaged.reset()
             history["decay_epochs"].append(epoch)
             stale, patience = 0, decay_patience
     except KeyboardInterrupt:
@@ -291,6 +315,12 @@ def _fit_budget(svi, args, kwargs, num_steps, seconds, anneal, progress):
     return history
 
 
+def check_average(average: float | None) -> None:
+    """Refuse a moving-average decay (``average`` of :func:`fit`) outside ``(0, 1)``."""
+    if average is not None and not (isinstance(average, float | int) and 0 < average < 1):
+        raise ValueError(f"average must lie in (0, 1) (a decay per step), got {average!r}.")
+
+
 def budget_spent(steps, num_steps, elapsed, seconds):
     """The share of a budget spent: the larger of the two, where given."""
     shares = [0.0]
@@ -299,6 +329,55 @@ def budget_spent(steps, num_steps, elapsed, seconds):
     if seconds is not None:
         shares.append(elapsed / seconds)
     return max(shares)
+
+
+class _MovingAverage:
+    """An exponential moving average of the parameters that training steps (the param
+    store's and an ``nn.Module`` guide's own); as a context manager, it swaps the average
+    in and the last step's parameters back out on exit."""
+
+    def __init__(self, decay, guide):
+        self.decay, self.guide = decay, guide
+        self.params, self.values = [], []
+
+    def _parameters(self):
+        found = {id(p): p for _, p in pyro.get_param_store().named_parameters()}
+        if isinstance(self.guide, torch.nn.Module):
+            found.update((id(p), p) for p in self.guide.parameters())
+        return [p for p in found.values() if p.requires_grad]
+
+    @torch.no_grad()
+    def refresh(self):
+        """Take in the parameters that joined since the last call (each epoch: looking them
+        up costs more than the update itself); they start their average where they are."""
+        params = self._parameters()
+        if [id(p) for p in params] != [id(p) for p in self.params]:
+            old = {id(p): v for p, v in zip(self.params, self.values, strict=True)}
+            self.values = [old.get(id(p), p.detach().clone()) for p in params]
+            self.params = params
+
+    @torch.no_grad()
+    def update(self):
+        if not self.params:  # the first step (or the first after a reset) starts the averages
+            self.refresh()
+        else:
+            torch._foreach_lerp_(self.values, self.params, 1 - self.decay)
+
+    def reset(self):
+        self.params, self.values = [], []
+
+    @torch.no_grad()
+    def _swap(self):
+        for p, v in zip(self.params, self.values, strict=True):
+            last = p.detach().clone()
+            p.copy_(v)
+            v.copy_(last)
+
+    def __enter__(self):
+        self._swap()
+
+    def __exit__(self, *exc):
+        self._swap()
 
 
 def _snapshot(guide):

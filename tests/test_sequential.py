@@ -226,6 +226,38 @@ def test_the_minibatch_grows_with_the_bank_unless_given(monkeypatch):
             fit_sequential(normal_model, guide, x, num_simulations=300, num_particles=bad)
 
 
+def test_each_round_keeps_the_moving_average_unless_told(monkeypatch):
+    """Each round trains with fit(average=0.98) by default, or the average given (None: the
+    last step's parameters); a bad one is refused before any simulation is spent."""
+    import pyro_jc.sequential as sequential
+    import pyro_jc.training as training
+
+    averages = []
+    fit = training.fit
+
+    def recorded_fit(svi, *args, **kwargs):
+        averages.append(kwargs.get("average"))
+        return fit(svi, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", recorded_fit)
+    x = torch.tensor([0.5, -0.2, 0.1])
+    guide = AutoAmortizedNormal(normal_model)
+    fit_sequential(normal_model, guide, x, num_simulations=[100, 100], max_epochs=1)
+    fit_sequential(normal_model, guide, x, num_simulations=[100], max_epochs=1, average=None)
+    fit_sequential(normal_model, guide, x, num_simulations=[100], max_epochs=1, average=0.5)
+    assert averages == [0.98, 0.98, None, 0.5]
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("simulated before checking average")
+
+    monkeypatch.setattr(sequential, "simulate", no_simulation)
+    for bad in (0.0, 1.0, 2):
+        with pytest.raises(ValueError, match="average must lie in"):
+            fit_sequential(normal_model, guide, x, num_simulations=300, average=bad)
+    with pytest.raises(ValueError, match="give average to fit_sequential itself"):
+        fit_sequential(normal_model, guide, x, num_simulations=300, fit_options={"average": 0.9})
+
+
 def test_simulate_at_given_latents():
     """simulate(latents=...) pairs the given latents with their simulations, chunk by chunk,
     and checks them."""

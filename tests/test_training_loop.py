@@ -20,6 +20,46 @@ def beta_guide(x):
     pyro.sample("p", dist.Beta(a, b))
 
 
+@pytest.mark.parametrize("improving", [True, False])
+def test_fit_validates_and_keeps_the_moving_average(improving):
+    """With average=d, validation sees, and training leaves behind, the exponential moving
+    average of the parameters after each step (first value: the first step's)."""
+    svi = SVI(PROBLEM.model, beta_guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    store = pyro.get_param_store()
+    stepped, seen = [], []
+    step = svi.step
+
+    def recorded_step(*args):
+        loss = step(*args)
+        stepped.append(dict(store.named_parameters())["a"].detach().clone())
+        return loss
+
+    def validation():
+        seen.append(dict(store.named_parameters())["a"].detach().clone())
+        return -len(seen) if improving else len(seen)  # best: the last epoch, or the first
+
+    svi.step = recorded_step
+    decay = 0.9
+    fit(svi, PROBLEM.data, steps_per_epoch=3, validation=validation, max_epochs=4,
+        patience=2, lr_decays=0, average=decay)  # fmt: skip
+    averages, average = [], None
+    for value in stepped:
+        average = value if average is None else decay * average + (1 - decay) * value
+        averages.append(average)
+    expected = averages[2::3]  # at the end of each epoch
+    assert len(seen) == (4 if improving else 3)
+    for got, want in zip(seen, expected, strict=False):
+        assert torch.allclose(got, want, rtol=1e-6)
+    assert not torch.allclose(expected[-1], stepped[len(seen) * 3 - 1])  # not the last step
+    kept = dict(store.named_parameters())["a"]
+    assert torch.allclose(kept, expected[len(seen) - 1] if improving else expected[0], rtol=1e-6)
+    for bad in (1.0, 0, -0.5, "0.9"):
+        with pytest.raises(ValueError, match="average must lie in"):
+            fit(svi, PROBLEM.data, steps_per_epoch=1, validation=validation, average=bad)
+    with pytest.raises(ValueError, match="average is validated and kept per epoch"):
+        fit(svi, PROBLEM.data, num_steps=3, average=0.9)
+
+
 @pytest.mark.slow
 def test_fit_trains_any_svi_loss_with_a_budget_and_with_epochs():
     exact = PROBLEM.posterior(PROBLEM.data)["p"]
