@@ -334,7 +334,10 @@ def budget_spent(steps, num_steps, elapsed, seconds):
 class _MovingAverage:
     """An exponential moving average of the parameters that training steps (the param
     store's and an ``nn.Module`` guide's own); as a context manager, it swaps the average
-    in and the last step's parameters back out on exit."""
+    in and the last step's parameters back out on exit. Not ``torch.optim.swa_utils.
+    AveragedModel``: that averages a deep copy of one module, where a guide's parameters live
+    in Pyro's param store (and a guide may be a plain function); the update is the same
+    ``torch._foreach_lerp_`` its EMA uses."""
 
     def __init__(self, decay, guide):
         self.decay, self.guide = decay, guide
