@@ -1,10 +1,12 @@
 """Flow guides: what a draw's density costs. Times, side by side in one run (sides alternating,
-medians of rounds), on a two-dimensional latent with an autoregressive spline flow:
+medians of rounds), on a latent of ``--latent-dim`` dimensions (default 2) with an
+autoregressive spline flow:
 
 * 100,000 posterior draws with their densities, as ``TruncatedPrior`` takes them for its
   threshold: ``sample_posterior`` then ``log_prob`` (a second pass through the flow) against
   ``sample_and_log_prob`` (the layers keep the log-determinants of the pass that drew);
-  ``sample_posterior`` alone for reference;
+  ``sample_posterior`` alone for reference; and ``TruncatedPrior``'s threshold itself
+  (the same draws, in chunks that fit a CPU's cache);
 * a reparameterized ELBO step (Pyro's ``Trace_ELBO``, 64 vectorized particles) with the
   autoregressive layers placed for the density (``fast="log_prob"``: sampling takes one pass
   per dimension) and for sampling (``fast="sample"``: one pass).
@@ -12,6 +14,7 @@ medians of rounds), on a two-dimensional latent with an autoregressive spline fl
 Time with one thread on a shared machine:
 
     OPENBLAS_NUM_THREADS=1 python examples/benchmark_flow_draws.py
+    OPENBLAS_NUM_THREADS=1 python examples/benchmark_flow_draws.py --latent-dim 10
 """
 
 import argparse
@@ -25,10 +28,11 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_jc import AutoAmortizedFlow
 from pyro_jc import optim as jc_optim
+from pyro_jc.sequential import TruncatedPrior
 
 
 def model(x):
-    z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+    z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
     with pyro.plate("data", x.shape[0]):
         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
 
@@ -46,7 +50,7 @@ def trained_guide(x, fast, steps):
 def main(args):
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
-    x = torch.randn(10, 2) + 1.0
+    x = torch.randn(10, args.latent_dim) + 1.0
     # Module-local parameters: each guide and SVI keeps its own, side by side.
     with pyro.settings.context(module_local_params=True):
         guide, _ = trained_guide(x, "log_prob", args.warmup)
@@ -61,6 +65,9 @@ def main(args):
             "sample_posterior, then log_prob": two_passes,
             "sample_and_log_prob": lambda: guide.sample_and_log_prob(x, num_samples=args.draws),
             "sample_posterior alone": lambda: guide.sample_posterior(x, num_samples=args.draws),
+            "TruncatedPrior threshold": lambda: TruncatedPrior(
+                model, guide, x, num_threshold_samples=args.draws
+            ),
             'ELBO step, fast="log_prob"': lambda: steppers["log_prob"].step(x),
             'ELBO step, fast="sample"': lambda: steppers["sample"].step(x),
         }
@@ -75,13 +82,15 @@ def main(args):
                 times[name].append((time.perf_counter() - start) / repeats * 1e3)
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"2-D latent, autoregressive spline flow, {args.draws:,} draws, ELBO steps of 64 "
+        f"{args.latent_dim}-D latent, autoregressive spline flow, {args.draws:,} draws, ELBO "
+        "steps of 64 "
         f"particles; threads={args.threads}, {args.rounds} rounds"
     )
     print(f"{'task':<34s} {'ms':>9s} {'ratio':>7s}")
     pairs = [
         ("sample_posterior, then log_prob", "sample_and_log_prob"),
         ("sample_posterior, then log_prob", "sample_posterior alone"),
+        ("sample_and_log_prob", "TruncatedPrior threshold"),
         ('ELBO step, fast="log_prob"', 'ELBO step, fast="sample"'),
     ]
     reference = {b: a for a, b in pairs}
@@ -94,6 +103,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=100_000)
+    parser.add_argument("--latent-dim", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="ELBO steps per round")
     parser.add_argument("--warmup", type=int, default=20, help="ELBO steps before timing")

@@ -61,7 +61,8 @@ class TruncatedPrior:
     :param float quantile: the share of the guide's own mass left outside the region
         (TSNPE's ``epsilon``; 1e-4 by default, as sbi's ``get_density_thresholder``).
     :param int num_threshold_samples: guide draws the threshold is the quantile of (at the
-        default quantile, 100,000 leave ten draws below it; sbi takes 1,000,000).
+        default quantile, 100,000 leave ten draws below it; sbi takes 1,000,000), drawn
+        in chunks that fit a CPU's cache (in one batch on an accelerator).
     :param float min_acceptance: the rejection sampler's acceptance-rate floor; below it
         :meth:`sample` raises :class:`TruncationError`.
     :param int batch_size: prior draws per rejection round (default: adapted to the
@@ -94,12 +95,26 @@ class TruncatedPrior:
         layout.check_observed_shapes()  # one observation: a region is for one x_o
         self._nesting = layout.plate_nesting
         check_amortized(guide, "TruncatedPrior")
-        _, log_q = sample_and_log_prob(guide, *args, num_samples=num_threshold_samples, **kwargs)
-        log_q = log_q.reshape(num_threshold_samples)
+        log_q = self._threshold_draws(num_threshold_samples)
         #: The region's threshold ``tau`` on ``log q(z | x_o)``.
         self.threshold = float(torch.quantile(log_q.double(), quantile)) if quantile else -math.inf
         #: Prior draws proposed and accepted so far.
         self.num_proposed = self.num_accepted = 0
+
+    def _threshold_draws(self, num):
+        """``log q(z | x_o)`` at ``num`` guide draws, drawn in chunks (see
+        ``_CHUNK_ELEMENTS``) where the guide runs on a CPU: ``(num,)``."""
+        parts, done, rows = [], 0, min(num, 1000)
+        while done < num:
+            size = min(rows, num - done)
+            draws, log_q = sample_and_log_prob(
+                self.guide, *self.args, num_samples=size, **self.kwargs
+            )
+            parts.append(log_q.reshape(size))
+            done += size
+            # An accelerator is fastest on one batch; a CPU on chunks that fit in its cache.
+            rows = num if log_q.device.type != "cpu" else _chunk_rows(draws)
+        return torch.cat(parts)
 
     @property
     def acceptance_rate(self) -> float:
@@ -108,9 +123,18 @@ class TruncatedPrior:
 
     def log_q(self, latents: dict[str, torch.Tensor]) -> torch.Tensor:
         """``log q(z | x_o)`` of latents in a bank's layout (draws along dim 0): ``(n,)``."""
-        num = len(next(iter(latents.values())))
+        first = next(iter(latents.values()))
+        num = len(first)
+        if not num:  # torch's log_prob cannot sum an empty batch's events
+            return first.new_empty(0)
+        rows = num if first.device.type != "cpu" else _chunk_rows(latents)
+        parts = []
         with torch.no_grad():
-            return self.guide.log_prob(latents, *self.args, **self.kwargs).reshape(num)
+            for start in range(0, num, rows):
+                chunk = {k: v[start : start + rows] for k, v in latents.items()}
+                log_q = self.guide.log_prob(chunk, *self.args, **self.kwargs)
+                parts.append(log_q.reshape(min(rows, num - start)))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def contains(self, latents: dict[str, torch.Tensor]) -> torch.Tensor:
         """Whether each of the latents (draws along dim 0) lies in the region: ``(n,)``."""
@@ -144,6 +168,19 @@ class TruncatedPrior:
                     "overconfident), lower min_acceptance, or use fewer rounds."
                 )
         return {k: torch.cat([part[k] for part in kept])[:num_samples] for k in kept[0]}
+
+
+#: Latent elements per evaluation of the guide in the region's bulk work on a CPU (the
+#: threshold's draws, the rejection test): a flow's intermediates for about 2**14 elements
+#: stay in the cache, where one batch of 100,000 draws does not (see docs/benchmarks.rst,
+#: "Flow draws with their densities").
+_CHUNK_ELEMENTS = 2**14
+
+
+def _chunk_rows(latents):
+    """Draws per chunk for latents in a bank's layout (draws along dim 0)."""
+    per_draw = sum(v.shape[1:].numel() for v in latents.values())
+    return max(1, _CHUNK_ELEMENTS // max(per_draw, 1))
 
 
 def _proposal_size(missing, rate):

@@ -221,18 +221,29 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
     def _spline(self, inputs, context, inverse):
         if not inverse:
             return self._elementwise(inputs, inputs, context, inverse=False)
-        # Output i depends on inputs < i: each pass fixes one more coordinate.
-        x = torch.zeros_like(inputs)
-        for _ in range(self.input_dim):
-            x, log_abs_det = self._elementwise(inputs, x, context, inverse=True)
-        return x, log_abs_det
+        # Output i depends on inputs < i: pass i fixes coordinate i, and only its spline is
+        # evaluated (the others' would be discarded), a d-th of the spline work.
+        columns, log_abs_det = [], 0
+        rest = torch.zeros_like(inputs)
+        for i in range(self.input_dim):
+            x = torch.cat([*columns, rest[..., i:]], -1) if columns else rest
+            column, log_det = self._elementwise(inputs[..., i : i + 1], x, context, True, i)
+            columns.append(column)
+            log_abs_det = log_abs_det + log_det
+        return torch.cat(columns, -1), log_abs_det
 
-    def _elementwise(self, values, conditioning, context, inverse):
+    def _elementwise(self, values, conditioning, context, inverse, column=None):
+        """The splines at ``values`` (of coordinate ``column`` alone, when given), their
+        knots from the conditioner at ``conditioning``; returns the outputs and the summed
+        log-determinant."""
         if conditioning.shape[:-1] != context.shape[:-1]:  # torch.broadcast_shapes is slow
             batch_shape = torch.broadcast_shapes(conditioning.shape[:-1], context.shape[:-1])
             conditioning = conditioning.expand(batch_shape + conditioning.shape[-1:])
             values = values.expand(batch_shape + values.shape[-1:])
-        params = [p.transpose(-1, -2) for p in self.conditioner(conditioning, context)]
+        params = self.conditioner(conditioning, context)
+        if column is not None:
+            params = [p[..., column : column + 1] for p in params]
+        params = [p.transpose(-1, -2) for p in params]
         outputs, log_abs_det = rational_quadratic_spline(values, *params, self.bound, inverse)
         return outputs, log_abs_det.sum(-1)
 
@@ -258,10 +269,10 @@ class ConditionalBoxSplineAutoregressive(ConditionalSplineAutoregressive):
     def __init__(self, input_dim, context_dim, hidden_dims=(50, 50), count_bins=10):
         super().__init__(input_dim, context_dim, hidden_dims, count_bins, bound=1.0)
 
-    def _elementwise(self, values, conditioning, context, inverse):
+    def _elementwise(self, values, conditioning, context, inverse, column=None):
         edge = 1 - torch.finfo(conditioning.dtype).eps
         features = torch.atanh(conditioning.clamp(-edge, edge)) / 3
-        return super()._elementwise(values, features, context, inverse)
+        return super()._elementwise(values, features, context, inverse, column)
 
 
 class _OntoInterval(Transform):

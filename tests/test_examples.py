@@ -11,7 +11,18 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMOKE_ARGS = {
     "vae_digits.py": ["--num-epochs", "2", "--quiet"],
     "benchmark_elbo.py": ["--rounds", "1", "--steps", "2"],
-    "benchmark_flow_draws.py": ["--draws", "500", "--rounds", "2", "--steps", "1", "--warmup", "1"],
+    "benchmark_flow_draws.py": [
+        "--draws",
+        "500",
+        "--latent-dim",
+        "3",
+        "--rounds",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    ],
     "benchmark_sequential.py": [
         "--tasks",
         "two_moons",
@@ -136,7 +147,7 @@ def test_benchmark_elbo(capsys):
 def test_benchmark_flow_draws(capsys):
     module = load("benchmark_flow_draws.py")
     medians = module.main(module.parse_args(SMOKE_ARGS["benchmark_flow_draws.py"]))
-    assert len(medians) == 5 and all(ms > 0 for ms in medians.values())
+    assert len(medians) == 6 and all(ms > 0 for ms in medians.values())
     assert "sample_and_log_prob" in capsys.readouterr().out
 
 

@@ -83,6 +83,43 @@ def test_truncated_draws_stay_in_a_bounded_prior_support():
     assert 0 < truncated.acceptance_rate < 1
 
 
+def test_the_region_is_found_and_tested_in_chunks_that_keep_every_draw(monkeypatch):
+    """On a CPU the threshold's draws and the rejection test run in chunks of about
+    ``_CHUNK_ELEMENTS`` latent elements: every draw is scored once, at its own row."""
+    import pyro_jc.sequential as sequential
+
+    monkeypatch.setattr(sequential, "_CHUNK_ELEMENTS", 600)  # 2 + 1 elements: 200 draws
+
+    def model(x):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(a + b.sum(-1), 1.0), obs=x)
+
+    x = torch.tensor(0.5)
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedNormal(model)
+    guide(x)
+    drawn, scored = [], []
+    sample_and_log_prob, log_prob = guide.sample_and_log_prob, guide.log_prob
+    monkeypatch.setattr(
+        guide,
+        "sample_and_log_prob",
+        lambda *a, num_samples, **k: (
+            drawn.append(num_samples) or sample_and_log_prob(*a, num_samples=num_samples, **k)
+        ),
+    )
+    monkeypatch.setattr(
+        guide, "log_prob", lambda z, *a, **k: scored.append(len(z["a"])) or log_prob(z, *a, **k)
+    )
+    truncated = TruncatedPrior(model, guide, x, num_threshold_samples=1500)
+    assert drawn == [1000, 200, 200, 100]  # a first chunk tells the size of a draw
+    latents = prior_latents(model, (x,), {}, 450, 0)
+    scored.clear()
+    assert torch.equal(truncated.log_q(latents), log_prob(latents, x).reshape(450))
+    assert scored == [200, 200, 50]
+    assert truncated.log_q({k: v[:0] for k, v in latents.items()}).shape == (0,)
+
+
 def test_a_region_without_prior_mass_is_refused():
     x = torch.zeros(3)
     guide = gaussian_guide(normal_model, x, 40.0, 0.1)  # 20 prior sds away

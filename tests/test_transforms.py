@@ -102,6 +102,32 @@ def test_spline_is_monotone_and_maps_the_interval_onto_itself():
     )
 
 
+@pytest.mark.parametrize("box", [False, True])
+@pytest.mark.parametrize("d", [2, 5])
+def test_autoregressive_inverse_has_the_inverse_jacobian(box, d):
+    """The inverse fixes one coordinate per pass from that coordinate's spline alone; the
+    gradient of a reparameterized draw flows through it, so its Jacobian must be the inverse
+    of the forward Jacobian at the point it returns (and the context's gradient that of the
+    implicit function: d x / d c = -J_x^-1 d y / d c)."""
+    torch.manual_seed(d)
+    if box:
+        layer = ConditionalBoxSplineAutoregressive(d, 3, (16,), count_bins=6)
+    else:
+        layer = ConditionalSplineAutoregressive(d, 3, (16,), count_bins=6, bound=3.0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    layer = layer.double()
+    context = torch.randn(3, dtype=torch.float64)
+    y = torch.rand(d, dtype=torch.float64) * 1.8 - 0.9
+    x = layer.condition(context).inv(y)
+    jac_x = torch.autograd.functional.jacobian(lambda v: layer.condition(context)(v), x)
+    jac_inv = torch.autograd.functional.jacobian(lambda v: layer.condition(context).inv(v), y)
+    assert torch.allclose(jac_inv, torch.linalg.inv(jac_x), atol=1e-8)
+    jac_c = torch.autograd.functional.jacobian(lambda c: layer.condition(c)(x), context)
+    jac_inv_c = torch.autograd.functional.jacobian(lambda c: layer.condition(c).inv(y), context)
+    assert torch.allclose(jac_inv_c, -torch.linalg.solve(jac_x, jac_c), atol=1e-8)
+
+
 def test_autoregressive_layer_needs_two_dimensions():
     with pytest.raises(ValueError, match="input_dim >= 2; for one dimension use"):
         ConditionalSplineAutoregressive(1, 3)
