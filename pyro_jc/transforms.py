@@ -240,12 +240,29 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
             batch_shape = torch.broadcast_shapes(conditioning.shape[:-1], context.shape[:-1])
             conditioning = conditioning.expand(batch_shape + conditioning.shape[-1:])
             values = values.expand(batch_shape + values.shape[-1:])
-        params = self.conditioner(conditioning, context)
-        if column is not None:
-            params = [p[..., column : column + 1] for p in params]
-        params = [p.transpose(-1, -2) for p in params]
+        if column is None:
+            params = [p.transpose(-1, -2) for p in self.conditioner(conditioning, context)]
+        else:
+            params = self._column_knots(conditioning, context, column)
         outputs, log_abs_det = rational_quadratic_spline(values, *params, self.bound, inverse)
         return outputs, log_abs_det.sum(-1)
+
+    def _column_knots(self, conditioning, context, column):
+        """The conditioner's knots for coordinate ``column`` alone, each ``(..., 1, bins)``:
+        its hidden layers as it computes them, of its output layer only that coordinate's
+        rows (a tenth of the layer's work in ten dimensions, the largest of its layers)."""
+        net = self.conditioner
+        h = torch.cat(
+            [context.expand(conditioning.shape[:-1] + context.shape[-1:]), conditioning], -1
+        )
+        for layer in net.layers[:-1]:
+            h = net.f(layer(h))
+        last = net.layers[-1]
+        # Output m * input_dim + j is the network's parameter m of coordinate j.
+        rows = slice(column, None, self.input_dim)
+        out = F.linear(h, last.weight[rows] * last.mask[rows], last.bias[rows])
+        bins = self.count_bins
+        return [p.unsqueeze(-2) for p in out.split([bins, bins, bins - 1], -1)]
 
 
 class ConditionalBoxSplineAutoregressive(ConditionalSplineAutoregressive):
