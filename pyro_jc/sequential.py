@@ -102,18 +102,16 @@ class TruncatedPrior:
         self.num_proposed = self.num_accepted = 0
 
     def _threshold_draws(self, num):
-        """``log q(z | x_o)`` at ``num`` guide draws, drawn in chunks (see
-        ``_CHUNK_ELEMENTS``) where the guide runs on a CPU: ``(num,)``."""
-        parts, done, rows = [], 0, min(num, 1000)
+        """``log q(z | x_o)`` at ``num`` guide draws, drawn in chunks of ``_DRAW_CHUNK``
+        where the guide runs on a CPU: ``(num,)``."""
+        parts, done, rows = [], 0, min(num, _DRAW_CHUNK)
         while done < num:
             size = min(rows, num - done)
-            draws, log_q = sample_and_log_prob(
-                self.guide, *self.args, num_samples=size, **self.kwargs
-            )
+            _, log_q = sample_and_log_prob(self.guide, *self.args, num_samples=size, **self.kwargs)
             parts.append(log_q.reshape(size))
             done += size
-            # An accelerator is fastest on one batch; a CPU on chunks that fit in its cache.
-            rows = num if log_q.device.type != "cpu" else _chunk_rows(draws)
+            if log_q.device.type != "cpu":  # an accelerator is fastest on one batch
+                rows = num
         return torch.cat(parts)
 
     @property
@@ -170,11 +168,14 @@ class TruncatedPrior:
         return {k: torch.cat([part[k] for part in kept])[:num_samples] for k in kept[0]}
 
 
-#: Latent elements per evaluation of the guide in the region's bulk work on a CPU (the
-#: threshold's draws, the rejection test): a flow's intermediates for about 2**14 elements
-#: stay in the cache, where one batch of 100,000 draws does not (see docs/benchmarks.rst,
-#: "Flow draws with their densities").
+# The region's bulk work on a CPU runs in chunks whose intermediates stay in the cache, where
+# one batch of 100,000 does not (docs/benchmarks.rst, "Flow draws with their densities").
+# Densities (the rejection test) scale with the latent's size: about 2**14 latent elements
+# a chunk were fastest on sbibm's two- and ten-dimensional tasks. A draw of an
+# autoregressive flow fixes one coordinate a pass, whose intermediates do not: 10,000
+# draws a chunk were fastest on both.
 _CHUNK_ELEMENTS = 2**14
+_DRAW_CHUNK = 10_000
 
 
 def _chunk_rows(latents):

@@ -84,10 +84,12 @@ def test_truncated_draws_stay_in_a_bounded_prior_support():
 
 
 def test_the_region_is_found_and_tested_in_chunks_that_keep_every_draw(monkeypatch):
-    """On a CPU the threshold's draws and the rejection test run in chunks of about
-    ``_CHUNK_ELEMENTS`` latent elements: every draw is scored once, at its own row."""
+    """On a CPU the threshold's draws run in chunks of ``_DRAW_CHUNK`` and the rejection
+    test in chunks of about ``_CHUNK_ELEMENTS`` latent elements: every draw is scored once,
+    at its own row."""
     import pyro_jc.sequential as sequential
 
+    monkeypatch.setattr(sequential, "_DRAW_CHUNK", 400)
     monkeypatch.setattr(sequential, "_CHUNK_ELEMENTS", 600)  # 2 + 1 elements: 200 draws
 
     def model(x):
@@ -112,7 +114,7 @@ def test_the_region_is_found_and_tested_in_chunks_that_keep_every_draw(monkeypat
         guide, "log_prob", lambda z, *a, **k: scored.append(len(z["a"])) or log_prob(z, *a, **k)
     )
     truncated = TruncatedPrior(model, guide, x, num_threshold_samples=1500)
-    assert drawn == [1000, 200, 200, 100]  # a first chunk tells the size of a draw
+    assert drawn == [400, 400, 400, 300]
     latents = prior_latents(model, (x,), {}, 450, 0)
     scored.clear()
     assert torch.equal(truncated.log_q(latents), log_prob(latents, x).reshape(450))
