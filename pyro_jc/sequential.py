@@ -172,8 +172,8 @@ class TruncatedPrior:
 # one batch of 100,000 does not (docs/benchmarks.rst, "Flow draws with their densities").
 # Densities (the rejection test) scale with the latent's size: about 2**14 latent elements
 # a chunk were fastest on sbibm's two- and ten-dimensional tasks. A draw of an
-# autoregressive flow fixes one coordinate a pass, whose intermediates do not: 10,000
-# draws a chunk were fastest on both.
+# autoregressive flow fixes one coordinate a pass, so its intermediates do not grow with
+# the latent: 10,000 draws a chunk were fastest on both.
 _CHUNK_ELEMENTS = 2**14
 _DRAW_CHUNK = 10_000
 
