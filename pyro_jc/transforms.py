@@ -251,7 +251,7 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
         """The conditioner's knots for coordinate ``column`` alone, each ``(..., 1, bins)``:
         its hidden layers as it computes them, of its output layer only that coordinate's
         rows (a tenth of the layer's work in ten dimensions, the largest of its layers)."""
-        net = self.conditioner  # built without skip connections: the layers are all
+        net = self.conditioner  # built without skip connections: its layers are the network
         h = torch.cat(
             [context.expand(conditioning.shape[:-1] + context.shape[-1:]), conditioning], -1
         )
