@@ -765,6 +765,32 @@ class AutoAmortizedGuide(PyroModule):
                 "guide(*args) once (after pyro.get_param_store().load(...) too)."
             )
 
+    def reset_parameters(self) -> None:
+        """Draw fresh initial weights for the embedding and the posterior's networks, as at
+        set-up, keeping the prototype and the standardization: training then starts from
+        scratch on the same inputs (``retrain`` of
+        :func:`~pyro_jc.sequential.fit_sequential`). The weights change in place, so Pyro's
+        param store and an optimizer's state keep referring to them.
+
+        Each network is reset by its own ``reset_parameters`` (which covers its submodules,
+        as torch's layers and :mod:`pyro_jc.transforms`' zero-output spline layers do), or
+        else by its submodules'.
+
+        :raises RuntimeError: the guide is not set up yet.
+        :raises TypeError: a network of the user's holds parameters of its own but has no
+            ``reset_parameters``.
+        """
+        self._check_set_up("reset_parameters")
+        # Every network is checked before any is reset: an error leaves the weights as they were.
+        named = {}  # one name per network, the public one where it has two (embedding=)
+        for name, child in self._modules.items():
+            if child is not None and named.get(id(child), ("_",))[0].startswith("_"):
+                named[id(child)] = (name, child)
+        resets = [m for name, child in named.values() for m in _resettable(child, name)]
+        with torch.no_grad():
+            for module in resets:
+                module.reset_parameters()
+
     def log_prob(self, latents: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``log q(z | x)`` of the latents at the observations in ``args``/``kwargs``: the
         amortized-posterior contract that :class:`~pyro_jc.ForwardKL`, the ELBOs'
@@ -962,9 +988,18 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
 
     def _build_posterior(self, context_dim):
         self.head = nn.Linear(context_dim, 2 * self.latent_dim)
-        nn.init.zeros_(self.head.weight)
+        self._initialize_head()
+
+    def _initialize_head(self):
+        """Start at the same posterior for every observation, with ``scale = init_scale``
+        (the ``loc`` is the layer's small initial bias)."""
         with torch.no_grad():
+            nn.init.zeros_(self.head.weight)
             self.head.bias[self.latent_dim :] = math.log(math.expm1(self.init_scale))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._initialize_head()
 
     def _quantiles_unconstrained(self, levels, args, kwargs):
         q_u = self._posterior(self._context(args, kwargs)).base_dist
@@ -1159,6 +1194,23 @@ def _state_local_param(name, p):
     PyroParams."""
     p.unconstrained = weakref.ref(p)
     effectful(type="param")(lambda *_, **__: p)(name, p, constraint=constraints.real, name=name)
+
+
+def _resettable(module, path):
+    """The modules whose ``reset_parameters`` re-initialize ``module`` (called ``path`` in
+    the guide): its own, or else its submodules'."""
+    if callable(getattr(module, "reset_parameters", None)):
+        return [module]
+    if next(module.parameters(recurse=False), None) is not None:
+        raise TypeError(
+            f"reset_parameters: the guide's network {path!r} ({type(module).__name__}) holds "
+            "parameters of its own but has no reset_parameters() to draw fresh ones; give it "
+            "one (covering its submodules), or keep training from the current weights "
+            "(fit_sequential(retrain='never'))."
+        )
+    return [
+        m for name, child in module.named_children() for m in _resettable(child, f"{path}.{name}")
+    ]
 
 
 class _StoredBuffer:

@@ -118,6 +118,21 @@ def rational_quadratic_spline(inputs, widths, heights, derivatives, bound, inver
     return outputs, log_abs_det
 
 
+def _zero_output(last):
+    """Zero a spline layer's output layer ``last``: zero knots make the spline the
+    identity, whatever the hidden weights."""
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
+def _reset_as_identity(conditioner, last):
+    """Draw fresh hidden weights for a spline layer's conditioner, and zero its output."""
+    for layer in conditioner.modules():
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
+    _zero_output(last)
+
+
 class ConditionalSplineCoupling(ConditionalTransformModule):
     """Conditional rational-quadratic spline coupling layer: the first ``input_dim // 2``
     inputs pass through unchanged and, with the context, parametrize an elementwise spline of
@@ -145,9 +160,11 @@ class ConditionalSplineCoupling(ConditionalTransformModule):
         self.conditioner = MLP(
             self.split_dim + context_dim, list(hidden_dims), transformed * (3 * count_bins - 1)
         )
-        # Zero output layer: the layer starts as the identity.
-        nn.init.zeros_(self.conditioner[-1].weight)
-        nn.init.zeros_(self.conditioner[-1].bias)
+        _zero_output(self.conditioner[-1])  # the layer starts as the identity
+
+    def reset_parameters(self) -> None:
+        """Draw fresh hidden weights and zero the output layer: the layer is the identity."""
+        _reset_as_identity(self.conditioner, self.conditioner[-1])
 
     def condition(self, context):
         return _SplineTransform(self, context)
@@ -211,9 +228,11 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
             param_dims=[count_bins, count_bins, count_bins - 1],
             permutation=torch.arange(input_dim),
         )
-        last = self.conditioner.layers[-1]  # zero output: the layer starts as the identity
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        _zero_output(self.conditioner.layers[-1])  # the layer starts as the identity
+
+    def reset_parameters(self) -> None:
+        """Draw fresh hidden weights and zero the output layer: the layer is the identity."""
+        _reset_as_identity(self.conditioner, self.conditioner.layers[-1])
 
     def condition(self, context):
         return _SplineTransform(self, context)

@@ -489,3 +489,67 @@ def test_flow_builder_errors():
         AutoAmortizedFlow(bounded_model, flow=_zuko_builder(), interval_transform="box")
     with pytest.raises(TypeError, match="must return an nn.Module"):
         AutoAmortizedFlow(bounded_model, flow=lambda f, c: "not a module")(torch.randn(4, 5))
+
+
+def _summed_model(x):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2, device=x.device), 1.0).to_event(1))
+    pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("kind", ["normal", "nsf", "spline_ar", "maf", "realnvp", "zuko"])
+def test_reset_parameters_draws_fresh_weights_in_place(kind, device):
+    """reset_parameters re-initializes every network in place (the param store keeps the
+    same tensors) and keeps the standardization: the flows whose layers start as the
+    identity (zero output layers) give back exactly their density at set-up."""
+    build = (
+        (lambda m: AutoAmortizedFlow(m, flow=_zuko_builder())) if kind == "zuko" else GUIDES[kind]
+    )
+    guide = build(_summed_model).to(device)
+    x = torch.tensor([0.7], device=device)
+    with pytest.raises(RuntimeError, match="reset_parameters needs the guide set up"):
+        guide.reset_parameters()
+    guide(x)
+    guide.standardize(
+        observations={"x": 3.0 * torch.randn(200, 1, device=device) + 1.0},
+        latents={"z": 2.0 * torch.randn(200, 2, device=device) - 0.5},
+    )
+    z = {"z": torch.randn(5, 2, device=device)}
+    at_set_up = guide.log_prob(z, x)
+    with torch.no_grad():  # stands in for training: every weight moves
+        for p in guide.parameters():
+            p.add_(torch.randn_like(p))
+    trained = {name: p.clone() for name, p in guide.named_parameters()}
+    assert not torch.allclose(guide.log_prob(z, x), at_set_up)
+    stored = {id(p) for _, p in pyro.get_param_store().named_parameters()}
+    standardization = {k: v.clone() for k, v in guide.named_buffers() if "standardize" in k}
+    guide.reset_parameters()
+    for name, p in guide.named_parameters():
+        assert id(p) in stored and p.device.type == device.type
+        assert not torch.equal(p, trained[name]), name
+    for k, v in standardization.items():
+        assert torch.equal(guide.get_buffer(k), v)
+    if kind in ("nsf", "spline_ar"):
+        assert torch.allclose(guide.log_prob(z, x), at_set_up, atol=1e-5)
+    if kind == "normal":  # the same posterior for every x, at the initial scale
+        assert not guide.head.weight.any()
+        scale = torch.full((2,), math.log(math.expm1(1.0)), device=device)
+        assert torch.allclose(guide.head.bias[2:], scale)
+
+
+def test_reset_parameters_names_a_network_it_cannot_reset_and_changes_nothing():
+    class Scaled(torch.nn.Module):  # a raw parameter and no reset_parameters
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(1))
+            self.linear = torch.nn.Linear(1, 7)
+
+        def forward(self, x):
+            return self.linear(x * self.gain)
+
+    guide = AutoAmortizedFlow(_summed_model, embedding=Scaled(), num_transforms=1)
+    guide(torch.zeros(1))
+    before = {name: p.clone() for name, p in guide.named_parameters()}
+    with pytest.raises(TypeError, match=r"network 'embedding' \(Scaled\) holds parameters"):
+        guide.reset_parameters()
+    for name, p in guide.named_parameters():
+        assert torch.equal(p, before[name]), name

@@ -297,6 +297,65 @@ def test_each_round_keeps_the_moving_average_unless_told(monkeypatch):
         fit_sequential(normal_model, guide, x, num_simulations=300, fit_options={"average": 0.9})
 
 
+def test_rounds_train_from_fresh_weights_when_told(monkeypatch):
+    """retrain="last" resets the guide once, for the last round, after its proposals are
+    drawn and before its simulations; "every" resets it for every round after the first,
+    "never" (the default) not at all, and one round trains from set-up anyway. A bad value,
+    or a guide that cannot be reset, is refused before any simulation is spent."""
+    import pyro_jc.sequential as sequential
+
+    events, simulate_ = [], sequential.simulate
+    reset = AutoAmortizedNormal.reset_parameters
+
+    def recorded_simulate(*args, **kwargs):
+        events.append("simulate")
+        return simulate_(*args, **kwargs)
+
+    def recorded_reset(guide):
+        events.append("reset")
+        reset(guide)
+
+    monkeypatch.setattr(sequential, "simulate", recorded_simulate)
+    monkeypatch.setattr(AutoAmortizedNormal, "reset_parameters", recorded_reset)
+    x = torch.tensor([0.5, -0.2, 0.1])
+    expected = {
+        "last": ["simulate", "simulate", "reset", "simulate"],
+        "every": ["simulate", "reset", "simulate", "reset", "simulate"],
+        "never": ["simulate"] * 3,
+    }
+    for retrain, order in expected.items():
+        events.clear()
+        pyro.clear_param_store()
+        guide = AutoAmortizedNormal(normal_model)
+        history = fit_sequential(
+            normal_model, guide, x, num_simulations=[100] * 3, max_epochs=1, retrain=retrain
+        )
+        assert events == order, retrain
+        retrained = [r["retrained"] for r in history["rounds"]]
+        assert retrained == [False, order.count("reset") == 2, order.count("reset") > 0]
+    events.clear()
+    fit_sequential(normal_model, guide, x, num_simulations=[100] * 2, max_epochs=1)
+    assert events == ["simulate"] * 2  # the default: never
+    events.clear()
+    history = fit_sequential(
+        normal_model, guide, x, num_simulations=100, num_rounds=1, retrain="every"
+    )
+    assert events == ["simulate"] and not history["rounds"][0]["retrained"]
+
+    events.clear()
+    with pytest.raises(ValueError, match="retrain must be one of.*'scratch'"):
+        fit_sequential(normal_model, guide, x, num_simulations=300, retrain="scratch")
+
+    class Unresettable(AutoAmortizedNormal):
+        reset_parameters = None
+
+    with pytest.raises(ValueError, match="needs guide.reset_parameters.*Unresettable"):
+        fit_sequential(
+            normal_model, Unresettable(normal_model), x, num_simulations=[100] * 2, retrain="last"
+        )
+    assert events == []
+
+
 def test_simulate_at_given_latents():
     """simulate(latents=...) pairs the given latents with their simulations, chunk by chunk,
     and checks them."""
@@ -315,16 +374,20 @@ def test_simulate_at_given_latents():
 
 
 @pytest.mark.slow
-def test_sequential_rounds_reach_the_exact_posterior_at_the_observation():
+@pytest.mark.parametrize("retrain", ["never", "last"])
+def test_sequential_rounds_reach_the_exact_posterior_at_the_observation(retrain):
     """Four rounds of 1,000 simulations on a linear-Gaussian model (2 latents, 3
-    observations): the guide's posterior at x_o has the exact mean within 0.15 sd and a KL
-    to the exact posterior under 0.05 nats; the later rounds' acceptance is reported."""
+    observations), the last from fresh weights or not: the guide's posterior at x_o has the
+    exact mean within 0.15 sd and a KL to the exact posterior under 0.05 nats; the later
+    rounds' acceptance is reported."""
     lg = LinearGaussianModel.random(2, 3, sigma=0.5, num_data=1, seed=0, dtype=torch.float32)
     x_o = lg.sample_data(seed=7, num_data=1)
     mean, cov = lg.posterior_moments(x_o)
     mean, cov = mean.reshape(2), cov.reshape(2, 2)
     guide = AutoAmortizedNormal(lg.model)
-    history = fit_sequential(lg.model, guide, x_o, num_simulations=4000, num_rounds=4)
+    history = fit_sequential(
+        lg.model, guide, x_o, num_simulations=4000, num_rounds=4, retrain=retrain
+    )
     rounds = history["rounds"]
     assert [r["simulations"] for r in rounds] == [1000] * 4 and history["simulations"] == 4000
     assert math.isnan(rounds[0]["acceptance_rate"])
