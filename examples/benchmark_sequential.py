@@ -15,7 +15,9 @@ Both libraries use the flows of ``benchmark_sbi.py`` (5 spline layers of width 5
 learning rate and patience (5e-4, 20). The minibatch is each library's default unless
 ``--batch-size`` sets both: pyro_jc's ``fit_sequential`` steps with a twentieth of each
 round's training pairs, from 50 to 200, sbi with 200. The time column is the training and
-proposal time, simulation excluded. Methods alternate which goes first.
+proposal time, simulation excluded. Methods alternate which goes first. ``--quantile``
+sets both TSNPEs' excluded guide mass (0: every round on the prior) and ``--retrain`` which
+of pyro_jc's rounds train from fresh weights (``fit_sequential``'s defaults: 1e-4, never).
 
     python examples/benchmark_sequential.py --tasks two_moons --budgets 1000 10000
 """
@@ -58,7 +60,9 @@ PUBLISHED_SNPE = {
 }
 
 
-def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples, batch_size):
+def run_pyro_jc(
+    task, model, x_o, budget, rounds, flow, n, threshold_samples, batch_size, quantile, retrain
+):
     guide = make_guide(model, flow)
     truncation = {} if threshold_samples is None else {"num_threshold_samples": threshold_samples}
     batch = {} if batch_size is None else {"num_particles": batch_size}
@@ -71,6 +75,8 @@ def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples, ba
         optim=optim.Adam({"lr": LEARNING_RATE}),
         fit_options={"patience": PATIENCE},
         truncation_options=truncation,
+        quantile=quantile,
+        retrain=retrain,
         **batch,
     )
     seconds = sum(r["train_seconds"] + r["truncate_seconds"] for r in history["rounds"])
@@ -78,7 +84,7 @@ def run_pyro_jc(task, model, x_o, budget, rounds, flow, n, threshold_samples, ba
     return samples, seconds
 
 
-def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch_size):
+def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch_size, quantile):
     from sbi.inference import NPE
     from sbi.neural_nets import posterior_nn
     from sbi.utils import RestrictedPrior, get_density_thresholder
@@ -117,7 +123,7 @@ def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch
                 if threshold_samples is None
                 else {"num_samples_to_estimate_support": threshold_samples}
             )
-            threshold = get_density_thresholder(posterior, quantile=1e-4, **support)
+            threshold = get_density_thresholder(posterior, quantile=quantile, **support)
             proposal = RestrictedPrior(prior, threshold, sample_with="rejection")
         else:
             proposal = posterior
@@ -139,12 +145,12 @@ def one_observation(task, model, budget, observation, seed, args, order):
         if method.startswith("pyro_jc"):
             samples, seconds = run_pyro_jc(
                 task, model, x_o, budget, rounds, args.flow, args.c2st_samples,
-                args.threshold_samples, args.batch_size,
+                args.threshold_samples, args.batch_size, args.quantile, args.retrain,
             )  # fmt: skip
         else:
             samples, seconds = run_sbi(
                 task, x_o, budget, rounds, args.flow, args.c2st_samples, method,
-                args.threshold_samples, args.batch_size,
+                args.threshold_samples, args.batch_size, args.quantile,
             )  # fmt: skip
         row[method] = {"c2st": float(c2st(reference, samples)), "seconds": seconds}
     return row
@@ -186,6 +192,18 @@ def parse_args(argv=None):
         default=None,
         help="pairs per training step for both libraries (default: each library's own, "
         "pyro_jc a twentieth of each round's training pairs from 50 to 200, sbi 200)",
+    )
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=1e-4,
+        help="the TSNPE regions' excluded guide mass, both libraries (0: every round on the prior)",
+    )
+    p.add_argument(
+        "--retrain",
+        choices=["never", "last", "every"],
+        default="never",
+        help="pyro_jc TSNPE: which rounds train from fresh weights (fit_sequential's retrain)",
     )
     p.add_argument("--out", default="outputs/benchmark_sequential")
     return p.parse_args(argv)

@@ -36,6 +36,8 @@ SMOKE_ARGS = {
         "100",
         "--threshold-samples",
         "2000",
+        "--retrain",
+        "last",
     ],  # fmt: skip
     "sequential_inference.py": ["--num-simulations", "300", "--rounds", "2", "--quiet"],
     "benchmark_devices.py": [
