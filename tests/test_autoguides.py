@@ -553,3 +553,28 @@ def test_reset_parameters_names_a_network_it_cannot_reset_and_changes_nothing():
         guide.reset_parameters()
     for name, p in guide.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_reset_parameters_gives_a_box_flow_back_its_density_at_set_up():
+    """The box layer (an autoregressive spline of the box, after the clamp) resets to the
+    identity too: over bounded latents the reset guide's density is the set-up one."""
+    guide = GUIDES["box"](bounded_model)
+    x = torch.randn(4, 5)
+    guide(x)
+    n = 300
+    guide.standardize(
+        observations={"x": torch.randn(n, 4, 5)},
+        latents={
+            "rate": torch.rand(n),
+            "scale": torch.randn(n).exp(),
+            "probs": dist.Dirichlet(torch.ones(3)).sample((n,)),
+        },
+    )
+    z = guide.sample_posterior(x, num_samples=7)
+    at_set_up = guide.log_prob(z, x)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.allclose(guide.log_prob(z, x), at_set_up)
+    guide.reset_parameters()
+    assert torch.allclose(guide.log_prob(z, x), at_set_up, atol=1e-4)
