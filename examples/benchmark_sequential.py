@@ -17,7 +17,8 @@ learning rate and patience (5e-4, 20). The minibatch is each library's default u
 round's training pairs, from 50 to 200, sbi with 200. The time column is the training and
 proposal time, simulation excluded. Methods alternate which goes first. ``--quantile``
 sets both TSNPEs' excluded guide mass (0: every round on the prior) and ``--retrain`` which
-of pyro_jc's rounds train from fresh weights (``fit_sequential``'s defaults: 1e-4, never).
+of pyro_jc's rounds train from fresh weights (``fit_sequential``'s defaults: 1e-4, and a
+round retrains when its region keeps half the prior or more).
 
     python examples/benchmark_sequential.py --tasks two_moons --budgets 1000 10000
 """
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -76,8 +78,8 @@ def run_pyro_jc(
         fit_options={"patience": PATIENCE},
         truncation_options=truncation,
         quantile=quantile,
-        retrain=retrain,
         **batch,
+        **({} if retrain is None else {"retrain": retrain}),
     )
     seconds = sum(r["train_seconds"] + r["truncate_seconds"] for r in history["rounds"])
     samples = guide.sample_posterior(x_o, num_samples=n)["parameters"]
@@ -201,12 +203,27 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--retrain",
-        choices=["never", "last", "every"],
-        default="never",
-        help="pyro_jc TSNPE: which rounds train from fresh weights (fit_sequential's retrain)",
+        type=_retrain,
+        help="pyro_jc TSNPE: which rounds train from fresh weights (fit_sequential's retrain: "
+        "auto, never, last, every, or an acceptance rate in (0, 1]; default: auto)",
     )
     p.add_argument("--out", default="outputs/benchmark_sequential")
     return p.parse_args(argv)
+
+
+def _retrain(value):
+    """``--retrain``: a word, or the acceptance rate from which a round retrains."""
+    if value in ("auto", "never", "last", "every"):
+        return value
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, never, last, every or a rate in (0, 1], got {value!r}"
+        )
+    return rate
 
 
 def main(args):

@@ -2,6 +2,7 @@
 to the prior, inside its support, acceptance reported), simulate(latents=...), and rounds
 that reach the exact posterior of a linear-Gaussian model at the observation."""
 
+import itertools
 import math
 
 import numpy as np
@@ -297,11 +298,17 @@ def test_each_round_keeps_the_moving_average_unless_told(monkeypatch):
         fit_sequential(normal_model, guide, x, num_simulations=300, fit_options={"average": 0.9})
 
 
+class Unresettable(AutoAmortizedNormal):
+    """An amortized guide without ``reset_parameters``."""
+
+    reset_parameters = None
+
+
 def test_rounds_train_from_fresh_weights_when_told(monkeypatch):
     """retrain="last" resets the guide once, for the last round, after its proposals are
     drawn and before its simulations; "every" resets it for every round after the first,
-    "never" (the default) not at all, and one round trains from set-up anyway. A bad value,
-    or a guide that cannot be reset, is refused before any simulation is spent."""
+    "never" not at all, and one round trains from set-up anyway. A bad value, or a guide
+    that cannot be reset, is refused before any simulation is spent."""
     import pyro_jc.sequential as sequential
 
     events, simulate_ = [], sequential.simulate
@@ -334,9 +341,6 @@ def test_rounds_train_from_fresh_weights_when_told(monkeypatch):
         retrained = [r["retrained"] for r in history["rounds"]]
         assert retrained == [False, order.count("reset") == 2, order.count("reset") > 0]
     events.clear()
-    fit_sequential(normal_model, guide, x, num_simulations=[100] * 2, max_epochs=1)
-    assert events == ["simulate"] * 2  # the default: never
-    events.clear()
     history = fit_sequential(
         normal_model, guide, x, num_simulations=100, num_rounds=1, retrain="every"
     )
@@ -346,14 +350,79 @@ def test_rounds_train_from_fresh_weights_when_told(monkeypatch):
     with pytest.raises(ValueError, match="retrain must be one of.*'scratch'"):
         fit_sequential(normal_model, guide, x, num_simulations=300, retrain="scratch")
 
-    class Unresettable(AutoAmortizedNormal):
-        reset_parameters = None
-
     with pytest.raises(ValueError, match="needs guide.reset_parameters.*Unresettable"):
         fit_sequential(
             normal_model, Unresettable(normal_model), x, num_simulations=[100] * 2, retrain="last"
         )
     assert events == []
+
+
+def test_rounds_retrain_where_the_region_keeps_enough_of_the_prior(monkeypatch):
+    """retrain=a (a rate in (0, 1]) resets the guide for exactly the rounds whose truncated
+    prior accepted at least that share of the prior's draws; the default ("auto") is the
+    rate 0.5 for a guide that can reset and "never" for one that cannot, and rates outside
+    (0, 1] are refused."""
+    import pyro_jc.sequential as sequential
+
+    rates = itertools.cycle([0.9, 0.3, 0.5, 0.49])
+
+    class ScriptedRate(TruncatedPrior):
+        def sample(self, num):
+            self.rate = next(rates)
+            return super().sample(num)
+
+        @property
+        def acceptance_rate(self):
+            return self.rate
+
+    events, reset = [], AutoAmortizedNormal.reset_parameters
+
+    def recorded_reset(guide):
+        events.append(len(events))
+        reset(guide)
+
+    monkeypatch.setattr(sequential, "TruncatedPrior", ScriptedRate)
+    monkeypatch.setattr(AutoAmortizedNormal, "reset_parameters", recorded_reset)
+    x = torch.tensor([0.5, -0.2, 0.1])
+    guide = AutoAmortizedNormal(normal_model)
+    for retrain in ({"retrain": 0.5}, {}):
+        events.clear()
+        history = fit_sequential(
+            normal_model, guide, x, num_simulations=[100] * 5, max_epochs=1, **retrain
+        )
+        rounds = history["rounds"]
+        assert [r["acceptance_rate"] for r in rounds[1:]] == [0.9, 0.3, 0.5, 0.49]
+        assert [r["retrained"] for r in rounds] == [False, True, False, True, False]
+        assert len(events) == 2
+
+    history = fit_sequential(
+        normal_model, Unresettable(normal_model), x, num_simulations=[100] * 5, max_epochs=1
+    )
+    assert not any(r["retrained"] for r in history["rounds"])
+
+    class Scaled(torch.nn.Module):  # a raw parameter and no reset_parameters
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(1))
+            self.linear = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.linear(x * self.gain)
+
+    def vector_model(x):
+        theta = pyro.sample("theta", dist.Normal(0.0, PRIOR_SD))
+        pyro.sample("x", dist.Normal(theta[..., None] * torch.ones(3), 1.0).to_event(1), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoAmortizedNormal(vector_model, embedding=Scaled())
+    with pytest.warns(UserWarning, match=r"retrain='auto'\) goes on .*'embedding' \(Scaled\)"):
+        history = fit_sequential(vector_model, guide, x, num_simulations=[100] * 5, max_epochs=1)
+    assert not any(r["retrained"] for r in history["rounds"])
+    with pytest.raises(TypeError, match=r"'embedding' \(Scaled\)"):
+        fit_sequential(vector_model, guide, x, num_simulations=[100] * 2, retrain="every")
+    for bad in (0, 1.5, -0.1, True, "0.5", math.nan):
+        with pytest.raises(ValueError, match="acceptance rate in \\(0, 1\\]"):
+            fit_sequential(normal_model, guide, x, num_simulations=300, retrain=bad)
 
 
 def test_simulate_at_given_latents():
@@ -374,12 +443,12 @@ def test_simulate_at_given_latents():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("retrain", ["never", "last"])
+@pytest.mark.parametrize("retrain", ["auto", "never", "last"])
 def test_sequential_rounds_reach_the_exact_posterior_at_the_observation(retrain):
     """Four rounds of 1,000 simulations on a linear-Gaussian model (2 latents, 3
-    observations), the last from fresh weights or not: the guide's posterior at x_o has the
-    exact mean within 0.15 sd and a KL to the exact posterior under 0.05 nats; the later
-    rounds' acceptance is reported."""
+    observations), retrained as by default, never or in the last round: the guide's
+    posterior at x_o has the exact mean within 0.15 sd and a KL to the exact posterior under
+    0.05 nats; the later rounds' acceptance is reported."""
     lg = LinearGaussianModel.random(2, 3, sigma=0.5, num_data=1, seed=0, dtype=torch.float32)
     x_o = lg.sample_data(seed=7, num_data=1)
     mean, cov = lg.posterior_moments(x_o)
