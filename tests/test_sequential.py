@@ -360,8 +360,9 @@ def test_rounds_train_from_fresh_weights_when_told(monkeypatch):
 def test_rounds_retrain_where_the_region_keeps_enough_of_the_prior(monkeypatch):
     """retrain=a (a rate in (0, 1]) resets the guide for exactly the rounds whose truncated
     prior accepted at least that share of the prior's draws; the default ("auto") is the
-    rate 0.5 for a guide that can reset and "never" for one that cannot, and rates outside
-    (0, 1] are refused."""
+    rate 0.5 for a guide that can reset and "never" for one that cannot, and warns and goes
+    on warm where a network cannot be reset ("every" refuses it); rates outside (0, 1] are
+    refused."""
     import pyro_jc.sequential as sequential
 
     rates = itertools.cycle([0.9, 0.3, 0.5, 0.49])
