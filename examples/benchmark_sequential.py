@@ -15,7 +15,9 @@ Both libraries use the flows of ``benchmark_sbi.py`` (5 spline layers of width 5
 learning rate and patience (5e-4, 20). The minibatch is each library's default unless
 ``--batch-size`` sets both: pyro_jc's ``fit_sequential`` steps with a twentieth of each
 round's training pairs, from 50 to 200, sbi with 200. The time column is the training and
-proposal time, simulation excluded. Methods alternate which goes first. ``--quantile``
+proposal time, simulation excluded. Methods alternate which goes first. ``results.json``
+keeps, per run, the C2ST and time, and for pyro_jc's methods each later round's acceptance
+rate, the rounds that started from fresh weights and each round's epochs. ``--quantile``
 sets both TSNPEs' excluded guide mass (0: every round on the prior) and ``--retrain`` which
 of pyro_jc's rounds train from fresh weights (``fit_sequential``'s defaults: 1e-4, and a
 round retrains when its region keeps half the prior or more).
@@ -83,7 +85,13 @@ def run_pyro_jc(
     )
     seconds = sum(r["train_seconds"] + r["truncate_seconds"] for r in history["rounds"])
     samples = guide.sample_posterior(x_o, num_samples=n)["parameters"]
-    return samples, seconds
+    # what the default retrain="auto" did is only visible in the history: keep it
+    rounds = {
+        "acceptance_rates": [r["acceptance_rate"] for r in history["rounds"][1:]],
+        "retrained": [i + 1 for i, r in enumerate(history["rounds"]) if r["retrained"]],
+        "epochs": [r["epochs"] for r in history["rounds"]],
+    }
+    return samples, seconds, rounds
 
 
 def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch_size, quantile):
@@ -144,8 +152,9 @@ def one_observation(task, model, budget, observation, seed, args, order):
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         rounds = 1 if method == "pyro_jc NPE" else args.rounds
+        rounds_info = {}
         if method.startswith("pyro_jc"):
-            samples, seconds = run_pyro_jc(
+            samples, seconds, rounds_info = run_pyro_jc(
                 task, model, x_o, budget, rounds, args.flow, args.c2st_samples,
                 args.threshold_samples, args.batch_size, args.quantile, args.retrain,
             )  # fmt: skip
@@ -154,7 +163,7 @@ def one_observation(task, model, budget, observation, seed, args, order):
                 task, x_o, budget, rounds, args.flow, args.c2st_samples, method,
                 args.threshold_samples, args.batch_size, args.quantile,
             )  # fmt: skip
-        row[method] = {"c2st": float(c2st(reference, samples)), "seconds": seconds}
+        row[method] = {"c2st": float(c2st(reference, samples)), "seconds": seconds, **rounds_info}
     return row
 
 

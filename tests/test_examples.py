@@ -272,6 +272,11 @@ def test_benchmark_sequential(tmp_path, capsys):
     rows = module.main(args)
     assert len(rows) == 1 and set(module.METHODS) <= set(rows[0])
     assert all(0.0 <= rows[0][m]["c2st"] <= 1.0 for m in module.METHODS)
+    # --retrain last: the second of two rounds starts from fresh weights, and the row says so
+    tsnpe, npe = rows[0]["pyro_jc TSNPE"], rows[0]["pyro_jc NPE"]
+    assert tsnpe["retrained"] == [2] and len(tsnpe["epochs"]) == 2
+    assert len(tsnpe["acceptance_rates"]) == 1 and 0 < tsnpe["acceptance_rates"][0] <= 1
+    assert npe["acceptance_rates"] == [] and len(npe["epochs"]) == 1
     assert "Mean C2ST" in capsys.readouterr().out and (tmp_path / "results.json").exists()
 
 
