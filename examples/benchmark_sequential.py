@@ -86,12 +86,12 @@ def run_pyro_jc(
     seconds = sum(r["train_seconds"] + r["truncate_seconds"] for r in history["rounds"])
     samples = guide.sample_posterior(x_o, num_samples=n)["parameters"]
     # what the default retrain="auto" did is only visible in the history: keep it
-    rounds = {
+    record = {
         "acceptance_rates": [r["acceptance_rate"] for r in history["rounds"][1:]],
         "retrained": [i + 1 for i, r in enumerate(history["rounds"]) if r["retrained"]],
         "epochs": [r["epochs"] for r in history["rounds"]],
     }
-    return samples, seconds, rounds
+    return samples, seconds, record
 
 
 def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch_size, quantile):
