@@ -179,10 +179,14 @@ _CHUNK_ELEMENTS = 2**14
 _DRAW_CHUNK = 10_000
 
 
+def _latent_size(latents):
+    """Elements of one draw of latents in a bank's layout (draws along dim 0)."""
+    return sum(v.shape[1:].numel() for v in latents.values())
+
+
 def _chunk_rows(latents):
     """Draws per chunk for latents in a bank's layout (draws along dim 0)."""
-    per_draw = sum(v.shape[1:].numel() for v in latents.values())
-    return max(1, _CHUNK_ELEMENTS // max(per_draw, 1))
+    return max(1, _CHUNK_ELEMENTS // max(_latent_size(latents), 1))
 
 
 def _proposal_size(missing, rate):
@@ -253,22 +257,26 @@ def fit_sequential(
         ``two_moons`` it lowered the C2ST by 0.030 ± 0.010 (23 of 30 paired runs; see the
         benchmarks page), at about a third more epochs.
     :param retrain: which rounds train from fresh initial weights
-        (:meth:`~pyro_jc.autoguides.AutoAmortizedGuide.reset_parameters`) instead of going on
-        from the previous round's: a rate in (0, 1], each round whose truncated prior accepted
-        at least that share of the prior's draws (its region keeps that much of the prior, so
-        its proposals are close to prior draws); ``"auto"`` (default), the rate 0.5 for a guide
-        with ``reset_parameters`` and ``"never"`` for one without (or with a network it cannot
-        reset); ``"never"``; ``"last"`` (the guide returned is trained from scratch on all
-        rounds' pairs, while the earlier rounds, which only place the regions, go on from the
-        weights before); or ``"every"`` (every round after the first, as sbi's
-        ``retrain_from_scratch``). Warm starts cost accuracy where the posterior is almost as
-        broad as the prior: on sbibm's ten-dimensional ``gaussian_linear`` at 1,000 simulations,
-        whose regions mostly keep two thirds of the prior or more, fresh weights lowered the
-        C2ST from 0.644 to 0.594 (15 paired runs, lower on 13), while on ``two_moons``, whose
-        regions keep less than half of it after a round or two, they did not help and trained
-        longer (see the benchmarks page). The weights are reset after the round's proposals are
-        drawn and before its simulations, so a guide that cannot be reset fails before they are
-        spent (``"auto"`` warns instead, and goes on from the current weights).
+        (:meth:`~pyro_jc.autoguides.AutoAmortizedGuide.reset_parameters`) instead of going
+        on from the previous round's: a rate in (0, 1], each round whose truncated prior
+        accepted at least that share of the prior's draws (its region keeps that much of the
+        prior, so its proposals are close to prior draws); ``"auto"`` (default), for a guide
+        with ``reset_parameters``, the rate ``0.5 ** (d / 2)`` for latents of ``d`` elements
+        (a region keeping ``1 / sqrt(2)`` of the prior or more along each dimension, as a
+        geometric mean: half the prior in two dimensions, 3 % of it in ten), and ``"never"``
+        for one without (or with a network it cannot reset); ``"never"``; ``"last"`` (the
+        guide returned is trained from scratch on all rounds' pairs, while the earlier
+        rounds, which only place the regions, go on from the weights before); or ``"every"``
+        (every round after the first, as sbi's ``retrain_from_scratch``). Warm starts cost
+        accuracy where the posterior is almost as broad as the prior: on sbibm's
+        ten-dimensional ``gaussian_linear`` at 1,000 simulations, whose regions mostly keep
+        two thirds of the prior or more (0.96 of it along each dimension), fresh weights
+        lowered the C2ST from 0.644 to 0.593 (15 paired runs, lower on 13), while on
+        ``two_moons``, whose regions keep less than half of it (0.71 along each dimension)
+        after a round or two, they did not help and trained longer (see the benchmarks
+        page). The weights are reset after the round's proposals are drawn and before its
+        simulations, so a guide that cannot be reset fails before they are spent (``"auto"``
+        warns instead, and goes on from the current weights).
     :param int max_epochs: bounds each round's training (default: early stopping only).
     :param int num_workers: simulation worker processes (see :func:`~pyro_jc.simulate`).
     :param dict simulate_options: more arguments of :func:`~pyro_jc.simulate`.
@@ -305,7 +313,7 @@ def fit_sequential(
     auto = retrain == "auto"
     if auto:
         resettable = callable(getattr(guide, "reset_parameters", None))
-        retrain = _AUTO_RETRAIN_RATE if resettable else "never"
+        retrain = "auto" if resettable else "never"
     if len(sizes) > 1:
         check_amortized(guide, "fit_sequential")  # checks before any simulation is spent
         if retrain != "never" and not callable(getattr(guide, "reset_parameters", None)):
@@ -344,7 +352,9 @@ def fit_sequential(
             latents = truncated.sample(size)
             entry["acceptance_rate"] = truncated.acceptance_rate
             entry["threshold"] = truncated.threshold
-            entry["retrained"] = _retrains(retrain, r == len(sizes) - 1, entry["acceptance_rate"])
+            entry["retrained"] = _retrains(
+                retrain, r == len(sizes) - 1, entry["acceptance_rate"], _latent_size(latents)
+            )
             if entry["retrained"]:
                 try:
                     guide.reset_parameters()
@@ -405,8 +415,9 @@ def fit_sequential(
 
 _RETRAIN = ("auto", "never", "last", "every")
 
-#: ``fit_sequential(retrain="auto")``: rounds whose region keeps this share of the prior or
-#: more train from fresh weights.
+#: ``fit_sequential(retrain="auto")``: a round trains from fresh weights when its region keeps
+#: ``_AUTO_RETRAIN_RATE ** (d / 2)`` of the prior or more, ``d`` the latent elements: this
+#: share in two dimensions, its square root along each dimension in any number.
 _AUTO_RETRAIN_RATE = 0.5
 
 
@@ -423,8 +434,9 @@ def _check_retrain(retrain):
     )
 
 
-def _retrains(retrain, last, acceptance_rate):
-    """Whether a round after the first trains from fresh weights."""
+def _retrains(retrain, last, acceptance_rate, latent_size):
+    """Whether a round after the first trains from fresh weights, its truncated prior having
+    accepted ``acceptance_rate`` of the prior's draws of ``latent_size`` elements."""
     if retrain == "every":
         return True
     if retrain == "last":
@@ -432,7 +444,11 @@ def _retrains(retrain, last, acceptance_rate):
     if retrain == "never":
         return False
     # The region keeps this much of the prior or more: the round's proposals are close to
-    # prior draws, as one-round NPE's, where a warm start generalizes worse.
+    # prior draws, as one-round NPE's, where a warm start generalizes worse. "auto" asks it
+    # per dimension: in ten, a region keeping 40 % of the prior is 9 % narrower along each
+    # axis, closer to the prior than one keeping half of it in two (29 % narrower).
+    if retrain == "auto":
+        retrain = _AUTO_RETRAIN_RATE ** (latent_size / 2)
     return acceptance_rate >= retrain
 
 

@@ -357,15 +357,31 @@ def test_rounds_train_from_fresh_weights_when_told(monkeypatch):
     assert events == []
 
 
+def sized_model(*sizes):
+    """A model with one latent site per size (a vector of that many elements) and a
+    three-element observation of their sum."""
+
+    def model(x):
+        total = 0.0
+        for i, size in enumerate(sizes):
+            z = pyro.sample(f"z{i}", dist.Normal(0.0, PRIOR_SD).expand([size]).to_event(1))
+            total = total + z.sum(-1, keepdim=True)
+        pyro.sample("x", dist.Normal(total * torch.ones(3), 1.0).to_event(1), obs=x)
+
+    return model
+
+
 def test_rounds_retrain_where_the_region_keeps_enough_of_the_prior(monkeypatch):
     """retrain=a (a rate in (0, 1]) resets the guide for exactly the rounds whose truncated
-    prior accepted at least that share of the prior's draws; the default ("auto") is the
-    rate 0.5 for a guide that can reset and "never" for one that cannot, and warns and goes
-    on warm where a network cannot be reset ("every" refuses it); rates outside (0, 1] are
-    refused."""
+    prior accepted at least that share of the prior's draws; the default ("auto") is, for a
+    guide that can reset, the rate 0.5 ** (d / 2) for d latent elements over all sites (half
+    the prior in two, its square root in one, a quarter in four) and "never" for one that
+    cannot, and warns and goes on warm where a network cannot be reset ("every" refuses
+    it); rates outside (0, 1] are refused."""
     import pyro_jc.sequential as sequential
 
-    rates = itertools.cycle([0.9, 0.3, 0.5, 0.49])
+    scripted = [0.9, 0.3, 0.5, 0.49, 0.2]
+    rates = itertools.cycle(scripted)
 
     class ScriptedRate(TruncatedPrior):
         def sample(self, num):
@@ -385,16 +401,28 @@ def test_rounds_retrain_where_the_region_keeps_enough_of_the_prior(monkeypatch):
     monkeypatch.setattr(sequential, "TruncatedPrior", ScriptedRate)
     monkeypatch.setattr(AutoAmortizedNormal, "reset_parameters", recorded_reset)
     x = torch.tensor([0.5, -0.2, 0.1])
-    guide = AutoAmortizedNormal(normal_model)
-    for retrain in ({"retrain": 0.5}, {}):
+    cases = [  # (model, fit_sequential's retrain, the rounds 2-6 that reset)
+        (normal_model, {"retrain": 0.5}, [True, False, True, False, False]),
+        (sized_model(2), {"retrain": 0.5}, [True, False, True, False, False]),
+        (sized_model(2), {}, [True, False, True, False, False]),
+        (normal_model, {}, [True, False, False, False, False]),
+        (sized_model(3, 1), {}, [True, True, True, True, False]),
+    ]
+    for model, retrain, expected in cases:
+        pyro.clear_param_store()
         events.clear()
         history = fit_sequential(
-            normal_model, guide, x, num_simulations=[100] * 5, max_epochs=1, **retrain
+            model,
+            AutoAmortizedNormal(model),
+            x,
+            num_simulations=[100] * 6,
+            max_epochs=1,
+            **retrain,
         )
         rounds = history["rounds"]
-        assert [r["acceptance_rate"] for r in rounds[1:]] == [0.9, 0.3, 0.5, 0.49]
-        assert [r["retrained"] for r in rounds] == [False, True, False, True, False]
-        assert len(events) == 2
+        assert [r["acceptance_rate"] for r in rounds[1:]] == scripted
+        assert [r["retrained"] for r in rounds] == [False, *expected], (model, retrain)
+        assert len(events) == sum(expected)
 
     history = fit_sequential(
         normal_model, Unresettable(normal_model), x, num_simulations=[100] * 5, max_epochs=1
