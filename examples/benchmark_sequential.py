@@ -21,7 +21,7 @@ rate, the rounds that started from fresh weights and each round's epochs. ``--qu
 sets both TSNPEs' excluded guide mass (0: every round on the prior) and ``--retrain`` which
 of pyro_jc's rounds train from fresh weights (``fit_sequential``'s defaults: 1e-4, and a
 round retrains when its region keeps ``0.5 ** (d / 2)`` of the prior or more, ``d`` the
-latent dimensions: half of it on two_moons, 3 % on gaussian_linear).
+latent elements: half of it on two_moons, 3 % on gaussian_linear).
 
     python examples/benchmark_sequential.py --tasks two_moons --budgets 1000 10000
 """

@@ -311,9 +311,8 @@ def fit_sequential(
         )
     _check_retrain(retrain)
     auto = retrain == "auto"
-    if auto:
-        resettable = callable(getattr(guide, "reset_parameters", None))
-        retrain = "auto" if resettable else "never"
+    if auto and not callable(getattr(guide, "reset_parameters", None)):
+        retrain = "never"
     if len(sizes) > 1:
         check_amortized(guide, "fit_sequential")  # checks before any simulation is spent
         if retrain != "never" and not callable(getattr(guide, "reset_parameters", None)):
