@@ -17,7 +17,9 @@ learning rate and patience (5e-4, 20). The minibatch is each library's default u
 round's training pairs, from 50 to 200, sbi with 200. The time column is the training and
 proposal time, simulation excluded. Methods alternate which goes first. ``results.json``
 keeps, per run, the C2ST and time, and for pyro_jc's methods each later round's acceptance
-rate, the rounds that started from fresh weights and each round's epochs. ``--quantile``
+rate, the rounds that started from fresh weights and each round's epochs and simulations.
+``--first-round`` gives the sequential methods' first round (on the prior) that many of the
+budget's simulations and splits the rest evenly over the later rounds. ``--quantile``
 sets both TSNPEs' excluded guide mass (0: every round on the prior) and ``--retrain`` which
 of pyro_jc's rounds train from fresh weights (``fit_sequential``'s defaults: 1e-4, and a
 round retrains when its region keeps ``0.5 ** (d / 2)`` of the prior or more, ``d`` the
@@ -65,9 +67,20 @@ PUBLISHED_SNPE = {
 }
 
 
-def run_pyro_jc(
-    task, model, x_o, budget, rounds, flow, n, threshold_samples, batch_size, quantile, retrain
-):
+def round_sizes(budget, rounds, first=None):
+    """Simulations per round: ``first`` in the first (default: an even share), the rest evenly."""
+    if first is None or rounds == 1:
+        return [budget // rounds + (r < budget % rounds) for r in range(rounds)]
+    rest, later = budget - first, rounds - 1
+    if not (0 < first and rest >= later):
+        raise ValueError(
+            f"--first-round {first} leaves {rest} of {budget} simulations for {later} more "
+            f"rounds; pass 1 to {budget - later}."
+        )
+    return [first] + [rest // later + (r < rest % later) for r in range(later)]
+
+
+def run_pyro_jc(task, model, x_o, sizes, flow, n, threshold_samples, batch_size, quantile, retrain):
     guide = make_guide(model, flow)
     truncation = {} if threshold_samples is None else {"num_threshold_samples": threshold_samples}
     batch = {} if batch_size is None else {"num_particles": batch_size}
@@ -75,8 +88,7 @@ def run_pyro_jc(
         model,
         guide,
         x_o,
-        num_simulations=budget,
-        num_rounds=rounds,
+        num_simulations=sizes,
         optim=optim.Adam({"lr": LEARNING_RATE}),
         fit_options={"patience": PATIENCE},
         truncation_options=truncation,
@@ -91,11 +103,12 @@ def run_pyro_jc(
         "acceptance_rates": [r["acceptance_rate"] for r in history["rounds"][1:]],
         "retrained": [i + 1 for i, r in enumerate(history["rounds"]) if r["retrained"]],
         "epochs": [r["epochs"] for r in history["rounds"]],
+        "simulations": [r["simulations"] for r in history["rounds"]],
     }
     return samples, seconds, record
 
 
-def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch_size, quantile):
+def run_sbi(task, x_o, sizes, flow, n, method, threshold_samples, batch_size, quantile):
     from sbi.inference import NPE
     from sbi.neural_nets import posterior_nn
     from sbi.utils import RestrictedPrior, get_density_thresholder
@@ -106,7 +119,6 @@ def run_sbi(task, x_o, budget, rounds, flow, n, method, threshold_samples, batch
         prior=prior, density_estimator=estimator, show_progress_bars=False, tracker=_NoTracker()
     )
     proposal, seconds = prior, 0.0
-    sizes = [budget // rounds + (r < budget % rounds) for r in range(rounds)]
     for size in sizes:
         start = time.perf_counter()
         theta = proposal.sample((size,))
@@ -152,16 +164,19 @@ def one_observation(task, model, budget, observation, seed, args, order):
     for method in order:
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
-        rounds = 1 if method == "pyro_jc NPE" else args.rounds
+        if method == "pyro_jc NPE":
+            sizes = [budget]
+        else:
+            sizes = round_sizes(budget, args.rounds, args.first_round)
         rounds_info = {}
         if method.startswith("pyro_jc"):
             samples, seconds, rounds_info = run_pyro_jc(
-                task, model, x_o, budget, rounds, args.flow, args.c2st_samples,
+                task, model, x_o, sizes, args.flow, args.c2st_samples,
                 args.threshold_samples, args.batch_size, args.quantile, args.retrain,
             )  # fmt: skip
         else:
             samples, seconds = run_sbi(
-                task, x_o, budget, rounds, args.flow, args.c2st_samples, method,
+                task, x_o, sizes, args.flow, args.c2st_samples, method,
                 args.threshold_samples, args.batch_size, args.quantile,
             )  # fmt: skip
         row[method] = {"c2st": float(c2st(reference, samples)), "seconds": seconds, **rounds_info}
@@ -188,6 +203,13 @@ def parse_args(argv=None):
     p.add_argument("--observations", nargs="+", type=int, default=list(range(1, 11)))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument(
+        "--first-round",
+        type=int,
+        default=None,
+        help="simulations of the sequential methods' first round, on the prior (default: an "
+        "even share); the rest of the budget is split evenly over the later rounds",
+    )
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--c2st-samples", type=int, default=10000, help="10000 is sbibm's protocol")
     p.add_argument("--flow", choices=sorted(FLOWS), default="nsf")
@@ -218,7 +240,13 @@ def parse_args(argv=None):
         "auto, never, last, every, or an acceptance rate in (0, 1]; default: auto)",
     )
     p.add_argument("--out", default="outputs/benchmark_sequential")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for budget in args.budgets:  # a bad split fails here, not after the first runs
+        try:
+            round_sizes(budget, args.rounds, args.first_round)
+        except ValueError as error:
+            p.error(str(error))
+    return args
 
 
 def _retrain(value):

@@ -30,6 +30,8 @@ SMOKE_ARGS = {
         "200",
         "--rounds",
         "2",
+        "--first-round",
+        "120",
         "--observations",
         "1",
         "--c2st-samples",
@@ -275,6 +277,7 @@ def test_benchmark_sequential(tmp_path, capsys):
     # --retrain last: the second of two rounds starts from fresh weights, and the row says so
     tsnpe, npe = rows[0]["pyro_jc TSNPE"], rows[0]["pyro_jc NPE"]
     assert tsnpe["retrained"] == [2] and len(tsnpe["epochs"]) == 2
+    assert tsnpe["simulations"] == [120, 80] and npe["simulations"] == [200]  # --first-round 120
     assert len(tsnpe["acceptance_rates"]) == 1 and 0 < tsnpe["acceptance_rates"][0] <= 1
     assert npe["acceptance_rates"] == [] and len(npe["epochs"]) == 1
     assert "Mean C2ST" in capsys.readouterr().out and (tmp_path / "results.json").exists()
