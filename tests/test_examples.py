@@ -283,6 +283,18 @@ def test_benchmark_sequential(tmp_path, capsys):
     assert "Mean C2ST" in capsys.readouterr().out and (tmp_path / "results.json").exists()
 
 
+def test_benchmark_sequential_first_round_splits_the_budget(capsys):
+    module = load("benchmark_sequential.py")
+    assert module.round_sizes(2000, 10) == [200] * 10
+    assert module.round_sizes(2000, 10, 500) == [500] + [167] * 6 + [166] * 3
+    assert sum(module.round_sizes(2000, 10, 500)) == 2000
+    assert module.round_sizes(10000, 1, 500) == [10000]  # one round: the whole budget
+    for first in (0, 192):  # nothing on the prior; a later round left empty
+        with pytest.raises(SystemExit):
+            module.parse_args(["--budgets", "200", "--first-round", str(first)])
+        assert "pass 1 to 191" in capsys.readouterr().err
+
+
 def test_sequential_inference(tmp_path):
     pytest.importorskip("matplotlib")
     module = load("sequential_inference.py")
